@@ -1,0 +1,61 @@
+"""`raysys import {lxmert-tsv,vinvl-tsv,texts}`: standard formats into a dataset directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import detector features or texts into a dataset directory")
+    isub = p.add_subparsers(dest="format_kind", metavar="KIND")
+    isub.required = True
+
+    q = isub.add_parser("lxmert-tsv", help="LXMERT/bottom-up-attention obj36 TSV + VG vocabulary → images/")
+    q.add_argument("file")
+    q.add_argument("--vocab", required=True, help="objects_vocab.txt (class ids index it)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--feature-dim", type=int, default=2048)
+    q.set_defaults(func=_lxmert)
+
+    q = isub.add_parser("vinvl-tsv", help="VinVL feature TSV + label TSV → images/")
+    q.add_argument("features", help="feature TSV: id, num_boxes, base64 float32 N×(D+6)")
+    q.add_argument("--labels", required=True, help="label/prediction TSV: id, JSON objects with rect, class, conf")
+    q.add_argument("--labelmap", default=None, help="VinVL label map JSON (label_to_idx) for class ids")
+    q.add_argument("--out", required=True)
+    q.add_argument("--feature-dim", type=int, default=2048)
+    q.set_defaults(func=_vinvl)
+
+    q = isub.add_parser("texts", help="text lines / TSV column / COCO-Karpathy JSON / Flickr8k captions.tsv → texts/ (+ gold/)")
+    q.add_argument("files", nargs="+")
+    q.add_argument("--format", required=True, choices=["lines", "tsv", "coco-json", "flickr8k"])
+    q.add_argument("--out", required=True)
+    q.add_argument("--column", type=int, default=0, help="tsv: 0-based column holding the text")
+    q.add_argument("--header", action="store_true", help="tsv: skip the first line")
+    q.add_argument("--source", default=None, help="source name stored per text (default: file stem)")
+    q.add_argument("--max-captions", type=int, default=5, help="coco-json: captions per image (Karpathy: 5; 0 = all)")
+    q.set_defaults(func=_texts)
+
+
+def _report(man: dict) -> int:
+    import json
+
+    print(json.dumps({"counts": man["counts"], "feature_dim": man.get("feature_dim")}))
+    return 0
+
+
+def _lxmert(a: argparse.Namespace) -> int:
+    from raysys.importers import import_lxmert_tsv
+
+    return _report(import_lxmert_tsv(a.file, a.vocab, a.out, a.feature_dim))
+
+
+def _vinvl(a: argparse.Namespace) -> int:
+    from raysys.importers import import_vinvl_tsv
+
+    return _report(import_vinvl_tsv(a.features, a.labels, a.out, a.labelmap, a.feature_dim))
+
+
+def _texts(a: argparse.Namespace) -> int:
+    from raysys.importers import import_texts
+
+    return _report(import_texts(a.files, a.format, a.out, a.column, a.header, a.source, a.max_captions))

@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray session for the whole test run, the shared data folder, and a
+small demo world built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RAYSYS_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+
+for k, v in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}.items():
+    os.environ.setdefault(k, v)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray session per test run (starting Ray costs seconds; tests must not each pay it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            log_to_driver=False,
+            _temp_dir=os.environ.get("RAYSYS_TEST_RAY_TMP", "/tmp/raysys-ray"),
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A 200-image demo world with 2048-d features, built once per run."""
+    from raysys.world import WorldConfig, write_world
+
+    out = tmp_path_factory.mktemp("world") / "data"
+    write_world(WorldConfig(images=200, seed=7), out)
+    return out
