@@ -46,7 +46,7 @@ test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check raysys tests jobs
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
