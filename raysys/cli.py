@@ -19,6 +19,12 @@ COMMAND_MODULES = [
     "raysys.commands.world",
     "raysys.commands.importers",
     "raysys.commands.validate",
+    "raysys.commands.featurize",
+    "raysys.commands.retrieve",
+    "raysys.commands.pretrain",
+    "raysys.commands.export",
+    "raysys.commands.evaluate",
+    "raysys.commands.sweep",
     "raysys.commands.demo",
     "raysys.commands.bench",
 ]

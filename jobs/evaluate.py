@@ -1,0 +1,38 @@
+"""Zero-shot evaluation as a Ray job: the pipeline's `zeroshot` stage on OUT/data.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+        --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/evaluate.py --config configs/demo.yaml --out /mnt/shared/raysys/demo
+
+Scores the gold evaluation pairs with the ITM head of the checkpoint that the `pretrain` stage
+recorded in OUT/summary.json (and of the un-pre-trained `base` model), and logs to that MLflow
+run. Uses the `zeroshot:` section of the pipeline config. Prints OUT/summary.json as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+STAGES = ["zeroshot"]  # names in raysys.pipeline.STAGES
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    return _common.stage_job(args, STAGES)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _common.parser(
+        "jobs/evaluate.py",
+        "Zero-shot image<->text retrieval (R@1/5/10, ITM AUC) of the pre-trained model vs base, on "
+        "the Ray cluster this job is attached to.",
+        out_help="run directory or URI holding OUT/data and the pretrain stage's OUT/summary.json",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(_common.main(run, build_parser().parse_args()))

@@ -1,0 +1,103 @@
+"""`raysys evaluate {zeroshot,finetune}`: zero-shot retrieval with the ITM head, and fine-tuning on
+the downstream tasks (VQA v2, NLVR2, SNLI-VE, RefCOCO+, retrieval) with the meta-average."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot retrieval and downstream fine-tuning; last line is JSON")
+    esub = p.add_subparsers(dest="evaluation", metavar="KIND")
+    esub.required = True
+
+    z = esub.add_parser(
+        "zeroshot",
+        help="zero-shot image<->text retrieval on the gold split with the ITM head",
+        description="Score every (image, text) pair of DIR's gold evaluation split with the checkpoint's ITM "
+        "head; print R@1/5/10 both ways, mean/median rank and ITM ROC-AUC. CHECKPOINT 'base' = the "
+        "un-pre-trained model. Options: ZeroShotConfig fields as key=value (split=dev max_images=100 "
+        "coarse=tags coarse_top_n=20 ray=never ...), or a YAML file (its `zeroshot:` section or top level).",
+    )
+    z.add_argument("--checkpoint", required=True, help="model.pt from `raysys pretrain`, or 'base'")
+    z.add_argument("--data", required=True, help="dataset directory with images/, texts/, gold/")
+    z.add_argument("--config", default=None, help="YAML with ZeroShotConfig fields (or a 'zeroshot:' section)")
+    z.add_argument("--compare-base", action="store_true", help="also evaluate 'base' and print both in a table")
+    z.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    z.add_argument("overrides", nargs="*", metavar="key=value")
+    z.set_defaults(func=run_zeroshot)
+
+    f = esub.add_parser(
+        "finetune",
+        help="fine-tune on a downstream task (vqa, nlvr2, ve, refcoco, retrieval) and report its metric",
+        description="Fine-tune CHECKPOINT on one task (--task with --train/--eval/--images) or on every "
+        "`runs:` entry of a config (then the meta-average over VQA, NLVR2, VE, RefCOCO+ is printed). "
+        "Hyper-parameters default to the papers' values; override any FinetuneConfig field, e.g. "
+        "vqa.lr=1e-4 steps=10. Formats are detected from the files or named with --format.",
+    )
+    f.add_argument("--checkpoint", required=True, help="model.pt from `raysys pretrain`, or 'base'")
+    f.add_argument("--task", default=None, help="vqa | nlvr2 | ve | refcoco | retrieval (aliases: snli-ve, refcoco+, …)")
+    f.add_argument("--train", nargs="+", default=None, metavar="FILE", help="training files (VQA: questions + annotations)")
+    f.add_argument("--eval", nargs="+", default=None, metavar="FILE", help="evaluation files")
+    f.add_argument("--images", default=None, help="dataset dir holding the task's images/ (featurize or import)")
+    f.add_argument("--eval-images", default=None, help="dataset dir of the eval images (default: --images)")
+    f.add_argument("--format", default="auto", help="reader format (default: detected)")
+    f.add_argument("--config", default=None, help="YAML with FinetuneConfig fields (or a 'finetune:' section)")
+    f.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    f.add_argument("overrides", nargs="*", metavar="key=value")
+    f.set_defaults(func=run_finetune)
+
+
+def _section(path: str | None, section: str) -> dict:
+    from raysys import config
+
+    data = config.load_yaml(path)
+    return data[section] if isinstance(data.get(section), dict) else data
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    import json
+
+    from raysys import config
+    from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table, zeroshot_stage
+
+    cfg = config.from_dict(ZeroShotConfig, config.apply_overrides(_section(args.config, "zeroshot"), args.overrides))
+    cfg.check()
+    if args.dry_run:
+        print(config.dump(cfg), end="")
+        return 0
+    if args.compare_base and args.checkpoint != "base":
+        # the demo stage's comparison: base gets the checkpoint's number of layers; prints the table
+        out = zeroshot_stage(cfg, args.data, {"checkpoint": args.checkpoint})
+        result = {**out["pretrained"], "base": out["base"], "margin_t2i_r5": out["margin_t2i_r5"]}
+    else:
+        result = evaluate_zeroshot(args.checkpoint, args.data, cfg)
+        print(format_table({"pretrained" if args.checkpoint != "base" else "base": result}))
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import json
+
+    from raysys import config
+    from raysys.finetune import FinetuneConfig, TaskRun, run_finetune
+
+    cfg = config.from_dict(FinetuneConfig, config.apply_overrides(_section(args.config, "finetune"), args.overrides))
+    if args.task:
+        if not (args.train and args.eval and args.images):
+            raise config.ConfigError("finetune --task needs --train, --eval and --images")
+        runs = [TaskRun(args.task, list(args.train), list(args.eval), args.images, args.eval_images or "", args.format)]
+    else:
+        runs = cfg.runs
+    if args.dry_run:
+        print(config.dump(cfg), end="")
+        return 0
+    out = run_finetune(args.checkpoint, cfg, runs)
+    for t, r in out["tasks"].items():
+        print(f"{t:<10} {r['headline']} = {r['score']:.2f}  (train {r['n_train']}, eval {r['n_eval_examples']}, "
+              f"{r['steps']} steps, {r['seconds']} s)")  # fmt: skip
+    if out.get("meta_average") is not None:
+        print(f"meta-average over {out['meta_tasks']}: {out['meta_average']:.2f}")
+    print(json.dumps(out, default=str))
+    return 0

@@ -1,0 +1,65 @@
+"""`raysys pretrain`: pre-train the single-stream model.
+
+`--local` runs the plain-PyTorch loop in this process (debugging, tests, the baselines at small
+scale). Without it, Ray Train runs the same core on `--workers` DDP ranks (raysys.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train the V+L model (--local: single process); last line is JSON",
+        description="Pre-train with a recipe (muvla, base, random_pairs, paired_ratio, round_robin, or a "
+        "'+'-joined subset of rt, rp, is). Prints loss components while training and, as its last line, "
+        "one JSON object with recipe, steps, final_loss and the final value of each loss component.",
+    )
+    p.add_argument("--local", action="store_true", help="run in this process (plain PyTorch, no Ray)")
+    p.add_argument("--data", required=True, help="dataset directory (images/, texts/, pairs/, phrases/, gold/)")
+    p.add_argument("--recipe", default=None, help="recipe name (default: the config's, muvla)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: epochs × steps per epoch)")
+    p.add_argument("--config", default=None, help="YAML with PretrainConfig fields (or a 'pretrain:' section)")
+    p.add_argument("--out", default=None, help="write model.pt (torch.load weights_only) and pretrain.yaml here")
+    p.add_argument("--history", default=None, help="write the per-step components as JSON lines to this file")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    # distributed (Ray Train; without --local) — see raysys/train.py and docs/training.md
+    p.add_argument("--name", default=None, help="Ray Train run name; re-running the same name and --storage resumes")
+    p.add_argument("--storage", default=None, help="Ray Train storage path: a directory or a URI (s3://, gs://)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks; default: the config's, 2)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. m=0 batch_size=16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from raysys import config
+    from raysys.pretrain import PretrainConfig
+
+    data = config.load_yaml(args.config)
+    if "pretrain" in data and isinstance(data["pretrain"], dict):
+        data = data["pretrain"]
+    data = config.apply_overrides(data, args.overrides)
+    if args.recipe is not None:
+        data["recipe"] = args.recipe
+    if not args.local:  # Ray Train (TorchTrainer); its config adds the cluster keys to PretrainConfig
+        from raysys.train import run_cli
+
+        return run_cli(args, data)
+    cfg = config.from_dict(PretrainConfig, data)
+    if args.dry_run:
+        print(config.dump(cfg), end="")
+        return 0
+    from raysys.pretrain import train_local
+
+    result = train_local(cfg, args.data, out=args.out, steps=args.steps)
+    history = result.pop("history")
+    if args.history:
+        from raysys.contract import write_text_atomic
+
+        write_text_atomic(args.history, "".join(json.dumps(h) + "\n" for h in history))
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,102 @@
+"""`raysys embed`, `raysys retrieve`, `raysys phrases`: the weakly aligned corpus, stage by stage.
+
+Settings come from the `retrieval` / `phrases` sections of a pipeline YAML (`--config`), then
+`key=value` overrides (relative to the section: `k=10`, `embed.batch_size=64`), then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset directory (images/, texts/, ...)")
+    p.add_argument("--config", default=None, help="pipeline YAML; its section for this stage is used")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides within the section")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed image-tag queries and texts → DIR/embeddings/{images,texts}/ (Ray Data)")
+    _common(p)
+    p.add_argument("--tables", default="images,texts", help="which tables to embed (default: images,texts)")
+    p.add_argument("--model", default=None, help="sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=None, help="sentences per forward pass")
+    p.add_argument("--actors", type=int, default=None, help="embedding actors (default: one per GPU, else per CPU)")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("retrieve", help="top-K texts per image by sharded FAISS search → DIR/pairs/ + diagnostics")
+    _common(p)
+    p.add_argument("--k", type=int, default=None, help="sentences per image (default 5)")
+    p.add_argument("--shards", type=int, default=None, help="FAISS index shards, one Ray actor each (default 2)")
+    p.add_argument("--index", default=None, help="faiss index_factory string (default Flat = exact; e.g. IVF1024,Flat)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (HNSW: efSearch)")
+    p.add_argument("--model", default=None, help="sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    p.set_defaults(func=_retrieve)
+
+    p = sub.add_parser("phrases", help="noun phrases of retrieved sentences linked to regions → DIR/phrases/")
+    _common(p)
+    p.set_defaults(func=_phrases)
+
+
+def _flags(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    import json
+
+    out = list(args.overrides or [])
+    for attr, key in mapping.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+    return out
+
+
+def _retrieval_cfg(args: argparse.Namespace, mapping: dict[str, str]):
+    from raysys import config
+    from raysys.retrieval import RetrievalConfig
+
+    return config.load(RetrievalConfig, args.config, _flags(args, mapping), section="retrieval")
+
+
+def _with_ray(fn):
+    """Run a stage; it starts Ray itself only once its inputs passed validation (bad input fails
+    in a second, not after a cluster start). Shut down a Ray that the stage started."""
+    import ray
+
+    was_up = ray.is_initialized()
+    try:
+        return fn()
+    finally:
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+
+
+def _print(report: dict) -> int:
+    import json
+
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from raysys.embedding import embed
+
+    cfg = _retrieval_cfg(args, {"model": "embed.model", "batch_size": "embed.batch_size", "actors": "embed.actors"})
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    bad = set(tables) - {"images", "texts"}
+    if bad:
+        raise SystemExit(f"raysys embed: --tables: unknown {sorted(bad)}; use images and/or texts")
+    return _print(_with_ray(lambda: embed(args.data, cfg.embed, tables)))
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    from raysys.retrieval import retrieve
+
+    cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "index": "index", "nprobe": "nprobe", "model": "embed.model"})
+    return _print(_with_ray(lambda: retrieve(args.data, cfg)))
+
+
+def _phrases(args: argparse.Namespace) -> int:
+    from raysys import config
+    from raysys.phrases import PhrasesConfig, extract_phrases
+
+    cfg = config.load(PhrasesConfig, args.config, list(args.overrides or []), section="phrases")
+    return _print(_with_ray(lambda: extract_phrases(args.data, cfg)))

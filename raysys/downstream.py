@@ -1,0 +1,390 @@
+"""What zero-shot retrieval and fine-tuning share: the model under evaluation (a checkpoint or
+`base`), images as region arrays, and batches of (image, text) pairs in the model's input layout.
+
+Why one place: pre-training, zero-shot scoring and every fine-tuning task must feed the encoder
+the same way (`[CLS] text [SEP]` + regions with the 5-d location, the same truncation), or an
+evaluation would measure a layout mismatch instead of the model. Batches are therefore built with
+pre-training's own `raysys.granularity.assemble`.
+
+`base` is the paper's "Base" row: the default backbone (MiniLM unless `model_path` says otherwise)
+with fresh heads drawn from a fixed seed, never pre-trained on V+L data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysys.contract import ContractError, read_manifest, region_arrays, shard_files
+from raysys.granularity import Corpus
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+DEFAULT_MAX_TEXT_LEN = 40
+DEFAULT_MAX_REGIONS = 36
+
+
+# ---------------------------------------------------------------- the model under evaluation
+
+
+@dataclass
+class ModelSource:
+    """A picklable recipe for the model, so a Ray worker can rebuild it instead of receiving it.
+
+    `checkpoint` is a `raysys pretrain` model.pt path or "base". The other fields only matter for
+    `base` (a checkpoint stores its own shapes).
+    """
+
+    checkpoint: str
+    feature_dim: int = 2048
+    num_classes: int = 80
+    model_path: str = ""
+    num_layers: int = 0
+    seed: int = 0
+
+    @property
+    def is_base(self) -> bool:
+        return self.checkpoint == BASE
+
+
+def load_model(src: ModelSource):
+    """(model in eval mode, checkpoint extra dict). `base` is rebuilt identically from its seed."""
+    from raysys.model import ModelConfig, build_model, load_checkpoint
+
+    if src.is_base:
+        cfg = ModelConfig(model_path=src.model_path, num_layers=src.num_layers, feature_dim=src.feature_dim,
+                          num_classes=max(1, src.num_classes))  # fmt: skip
+        model = build_model(cfg, pretrained=True, seed=src.seed)
+        extra: dict[str, Any] = {"recipe": BASE, "seed": src.seed}
+    else:
+        path = Path(src.checkpoint)
+        if not path.is_file():
+            raise ContractError(path, None, "checkpoint", "no such file (give a model.pt path or 'base')")
+        model, extra = load_checkpoint(path)
+    return model.eval(), extra
+
+
+MODEL_FILE = "model.pt"
+
+
+@contextmanager
+def local_checkpoint(spec: str | Path) -> Iterator[str]:
+    """A local model.pt for `spec`: "base", a model.pt, a checkpoint directory holding model.pt
+    (`raysys pretrain --out`, a Ray Train checkpoint), or a checkpoint URI (s3://…, gs://…; fetched
+    through Ray Train's `Checkpoint.as_directory`)."""
+    s = str(spec)
+    if s == BASE:
+        yield BASE
+        return
+    if "://" in s and not s.startswith("file://"):
+        from ray.train import Checkpoint
+
+        with Checkpoint(s).as_directory() as d:
+            yield str(Path(d) / MODEL_FILE)
+        return
+    p = Path(s.removeprefix("file://"))
+    yield str(p / MODEL_FILE if p.is_dir() else p)
+
+
+def checkpoint_extra(checkpoint: str) -> dict[str, Any]:
+    """The `extra` dict stored in a checkpoint (recipe, steps, pretrain_config, MLflow run ids…),
+    without building the model; {} for base."""
+    if checkpoint == BASE:
+        return {}
+    import json
+
+    import torch
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return json.loads(payload.get("extra", "{}") or "{}")
+
+
+def text_settings(extra: dict[str, Any], max_text_len: int = 0, max_regions: int = 0) -> tuple[int, int]:
+    """Text length and region cap: explicit values win, else the checkpoint's pre-training ones."""
+    pre = extra.get("pretrain_config") or {}
+    return (
+        max_text_len or int(pre.get("max_text_len") or DEFAULT_MAX_TEXT_LEN),
+        max_regions or int(pre.get("max_regions") or DEFAULT_MAX_REGIONS),
+    )
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- images
+
+
+def _canonical_keys(image_id: str) -> list[str]:
+    """Ways one image is named across formats: `COCO_val2014_000000262148.jpg`, its stem, and the
+    bare number 262148 (VQA/RefCOCO use integer ids; Flickr8k gold uses stems, featurize keeps
+    the extension). The exact id always comes first."""
+    keys = [image_id]
+    stem = Path(image_id).name
+    stem = re.sub(r"\.(jpe?g|png|gif|bmp|webp|tiff?)$", "", stem, flags=re.I)
+    if stem not in keys:
+        keys.append(stem)
+    m = re.search(r"(\d+)$", stem)
+    if m and str(int(m.group(1))) not in keys:
+        keys.append(str(int(m.group(1))))
+    return keys
+
+
+class ImageIndex:
+    """Resolve an image reference from a task file to an `image_id` of a dataset's images table."""
+
+    def __init__(self, image_ids: list[str]):
+        self.ids = list(image_ids)
+        self.exact = set(self.ids)
+        self.by_key: dict[str, list[str]] = {}
+        for iid in self.ids:
+            for k in _canonical_keys(iid)[1:]:
+                self.by_key.setdefault(k, []).append(iid)
+
+    def resolve(self, ref: str | int, prefer: list[str] | None = None) -> str | None:
+        """Exact id first, then each of `prefer` (format-specific spellings), then stem / number."""
+        ref = str(ref)
+        for cand in [ref, *(prefer or [])]:
+            if cand in self.exact:
+                return cand
+        for cand in [ref, *(prefer or [])]:
+            for k in _canonical_keys(cand):
+                hits = self.by_key.get(k, [])
+                if len(hits) == 1:
+                    return hits[0]
+        return None
+
+
+def image_ids(root: str | Path) -> list[str]:
+    files = shard_files(root, "images")
+    if not files:
+        raise ContractError(Path(root) / "images", None, "images", "table is missing or empty (featurize or import first)")
+    return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+
+
+@dataclass
+class ImageSet(Corpus):
+    """Pre-training's `Corpus` (what `assemble` reads) plus the raw boxes and image sizes that
+    referring expressions need. Only the image fields are filled."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # (n_regions, 4) xyxy px
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (W, H) per image
+
+    def image_boxes(self, i: int) -> np.ndarray:
+        return self.boxes[self.regions(i)]
+
+
+def load_images(root: str | Path, ids: list[str] | None = None, max_regions: int = DEFAULT_MAX_REGIONS) -> ImageSet:
+    """The images `ids` (all when None, sorted) of a dataset directory, in that order.
+
+    Regions beyond `max_regions` are dropped, as in pre-training.
+    """
+    from raysys.model import location_features
+
+    root = Path(root)
+    man = read_manifest(root)
+    want = None if ids is None else set(ids)
+    parts: dict[str, dict[str, Any]] = {}
+    dim = int(man.get("feature_dim") or 0)
+    for f in shard_files(root, "images"):
+        t = pq.read_table(f)
+        if want is not None:
+            t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(want), pa.string())))
+        if t.num_rows == 0:
+            continue
+        arr = region_arrays(t)
+        dim = arr["features"].shape[1]
+        cls_flat = np.asarray(t.column("class_ids").combine_chunks().values, dtype=np.int64)
+        tags_flat = t.column("tags").combine_chunks().values.to_pylist()
+        W, H = t.column("width").to_numpy(), t.column("height").to_numpy()
+        for r, iid in enumerate(t.column("image_id").to_pylist()):
+            lo, hi = int(arr["offsets"][r]), int(arr["offsets"][r + 1])
+            hi = min(hi, lo + max_regions)
+            parts[iid] = {
+                "features": arr["features"][lo:hi],
+                "boxes": arr["boxes"][lo:hi],
+                "loc": location_features(arr["boxes"][lo:hi], W[r], H[r]),
+                "class_ids": cls_flat[lo:hi],
+                "tags": tags_flat[lo:hi],
+                "size": (int(W[r]), int(H[r])),
+            }
+    order = list(ids) if ids is not None else sorted(parts)
+    missing = [i for i in order if i not in parts]
+    if missing:
+        raise ContractError(root / "images", None, "image_id", f"{len(missing)} image(s) not found, e.g. {missing[0]!r}")
+    counts = np.array([len(parts[i]["class_ids"]) for i in order], dtype=np.int64)
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+
+    def cat(key: str, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate([parts[i][key] for i in order]) if order else empty
+
+    return ImageSet(
+        feature_dim=dim,
+        num_classes=max(1, len(man.get("tag_vocab") or [])),
+        image_ids=order,
+        offsets=offsets,
+        features=cat("features", np.zeros((0, dim), np.float16)),
+        loc=cat("loc", np.zeros((0, 5), np.float32)),
+        class_ids=cat("class_ids", np.zeros(0, np.int64)),
+        tags=[t for i in order for t in parts[i]["tags"]],
+        boxes=cat("boxes", np.zeros((0, 4), np.float32)),
+        sizes=[parts[i]["size"] for i in order],
+    )
+
+
+def check_feature_dim(corpus, model, where: str | Path) -> None:
+    if corpus.feature_dim != model.cfg.feature_dim:
+        raise ContractError(
+            where, None, "features",
+            f"feature dim {corpus.feature_dim}, but the model expects {model.cfg.feature_dim} "
+            "(featurize/import the images with the backbone the checkpoint was pre-trained on)",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- batches
+
+
+def tokenize(tokenizer, texts: list[str], max_text_len: int) -> list[np.ndarray]:
+    """Token ids without [CLS]/[SEP] (`assemble` adds them), truncated like pre-training."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max(1, max_text_len - 2))
+    return [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+
+
+def pair_batch(corpus, tokenizer, token_ids: list[np.ndarray], images: list[int | None]) -> dict[str, Any]:
+    """One encoder batch of (text, image) pairs: `images[b]` indexes `corpus` (None = text only)."""
+    from raysys.granularity import Sample, assemble
+    from raysys.objectives import IGNORE
+
+    samples = [Sample(ids, np.full(len(ids), IGNORE, np.int64), image=img) for ids, img in zip(token_ids, images)]
+    batch = assemble(samples, corpus, tokenizer)
+    batch["objectives"] = ()
+    return batch
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    import torch
+
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+def tracking_uri(explicit: str = "", extra: dict[str, Any] | None = None) -> str:
+    """Where results go: the explicit URI, else MLFLOW_TRACKING_URI, else the checkpoint's run's
+    store, else `sqlite:///<cwd>/mlflow.db` (STACK-NOTES: the file store refuses to work)."""
+    import os
+
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if extra and extra.get("tracking_uri"):
+        return str(extra["tracking_uri"])
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def parent_run_id(explicit: str = "", extra: dict[str, Any] | None = None, uri: str = "", checkpoint: str = "") -> str:
+    """The MLflow run that produced the checkpoint: explicit, else recorded in the checkpoint, else
+    the run of store `uri` whose `raysys.checkpoint` tag (set by Ray Train pre-training) names the
+    checkpoint's directory. "" when none is known."""
+    if explicit:
+        return explicit
+    extra = extra or {}
+    for k in ("mlflow_run_id", "run_id"):
+        if extra.get(k):
+            return str(extra[k])
+    if uri and checkpoint and checkpoint != BASE:
+        try:
+            from mlflow import MlflowClient
+
+            c = MlflowClient(tracking_uri=uri)
+            where = str(Path(checkpoint).parent if checkpoint.endswith(MODEL_FILE) else checkpoint)
+            q = "tags.`raysys.checkpoint` = '" + where.replace("'", "''") + "'"
+            exps = [e.experiment_id for e in c.search_experiments()]
+            runs = c.search_runs(exps, filter_string=q, max_results=1) if exps else []
+            if runs:
+                return runs[0].info.run_id
+        except Exception as e:  # a store we cannot read must not stop an evaluation
+            log.debug("no parent run lookup in %s: %s", uri, e)
+    return ""
+
+
+def numeric(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten the numeric leaves of a result dict into MLflow metric names."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, bool):
+            out[key] = float(v)
+        elif isinstance(v, (int, float)) and np.isfinite(v):
+            out[key] = float(v)
+        elif isinstance(v, dict):
+            out.update(numeric(v, key + "."))
+    return out
+
+
+def log_mlflow(
+    uri: str,
+    *,
+    metrics: dict[str, float],
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+    run_id: str = "",
+    parent: str = "",
+    experiment: str = "raysys",
+    run_name: str = "",
+    artifacts: list[Path] | None = None,
+    artifact_path: str = "evaluation",
+) -> dict[str, str]:
+    """Log into run `run_id` when given (the checkpoint's own run), else into a new FINISHED run
+    linked to `parent` by the tags `raysys.parent_run_id` and `mlflow.parentRunId` (so the MLflow
+    UI nests it under the pre-training run) in the parent's experiment. Returns the run's ids."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient(tracking_uri=uri)
+    if run_id:
+        rid = run_id
+    else:
+        if parent:
+            exp_id = client.get_run(parent).info.experiment_id
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        run_tags = {"raysys.parent_run_id": parent, "mlflow.parentRunId": parent} if parent else {}
+        run_tags.update(tags or {})
+        rid = client.create_run(exp_id, run_name=run_name or None, tags=run_tags).info.run_id
+        tags = None
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    existing = set(client.get_run(rid).data.params) if run_id else set()
+    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items() if k not in existing]
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(ms), len(ps), len(ts), 1), 100):  # MLflow caps a batch at 1000 / 100 params
+        client.log_batch(rid, metrics=ms[i : i + 100], params=ps[i : i + 100], tags=ts[i : i + 100])
+    for a in artifacts or []:
+        client.log_artifact(rid, str(a), artifact_path=artifact_path)
+    if not run_id:
+        client.set_terminated(rid, "FINISHED")
+    return {"tracking_uri": uri, "run_id": rid, "parent_run_id": parent}

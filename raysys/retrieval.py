@@ -1,0 +1,397 @@
+"""The weakly aligned corpus R: sharded FAISS top-K retrieval of sentences for image-tag queries (paper §3.2).
+
+The official code embedded and searched in one process with brute-force FAISS. Here the text
+embeddings are split into N contiguous shards; each shard is a FAISS index built by
+`faiss.index_factory(d, FACTORY, METRIC_INNER_PRODUCT)` (default `Flat`: exact inner product,
+= cosine on unit vectors; `IVF…`, `PQ…`, `HNSW…` strings are trained on a seeded sample of the
+shard) and held by one Ray actor (a GPU index when faiss-gpu sees a GPU). Query batches go to
+all shards in parallel; each shard returns its top-K with *global* row numbers, and the driver
+merges them exactly — score descending, then global row ascending — which is the global top-K.
+Global rows map to the texts' own `text_id`s, so ids are stable whatever the shard count.
+
+Output `pairs/part-i.parquet` holds the results for image shard *i* (`image_id, text_id, rank,
+score`, rank 0-based). It exists only when complete, so a killed run redoes only the missing
+shards. `pairs/_meta.json` records the search parameters and the embeddings it searched; a later
+run with the same parameters and a smaller K reuses the stored top-max(K) (read it with
+`read_pairs(data, k)`, which keeps `rank < k`), a larger K or other parameters recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysys.contract import (
+    PAIRS_SCHEMA,
+    ContractError,
+    read_table,
+    shard_files,
+    shard_name,
+    update_manifest,
+    write_parquet_atomic,
+    write_text_atomic,
+)
+from raysys.embedding import EmbedConfig, embed, ensure_ray, fingerprint, model_id, read_vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalConfig:
+    """Top-K retrieval of texts for every image (the `retrieval` section of the pipeline config)."""
+
+    k: int = 5  # paper: 5 (ablation 1, 5, 10)
+    shards: int = 2  # FAISS index shards, one Ray actor each
+    index: str = "Flat"  # faiss.index_factory string; "Flat" = exact inner product
+    nprobe: int = 16  # IVF lists probed per query (efSearch for HNSW)
+    train_size: int = 100_000  # training sample per shard for IVF/PQ/HNSW indexes
+    query_batch: int = 4096  # queries sent to the shards at once
+    threads_per_shard: int = 0  # FAISS OpenMP threads per shard actor; 0 = cluster CPUs / shards
+    cpus_per_shard: float = 0.25  # Ray CPU reservation per shard actor (fractional: they mostly wait)
+    gpu: bool = True  # use a GPU index when the cluster has GPUs and faiss sees one
+    seed: int = 0  # training samples of the shards, the random-pair baseline, the examples
+    examples: int = 5  # example images in the diagnostics
+    diag_images: int = 10_000  # images sampled for the tag-coverage diagnostics
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+    def check(self) -> None:
+        from raysys.config import ConfigError
+
+        if self.k < 1 or self.k > 32767:
+            raise ConfigError(f"retrieval.k must be in 1..32767, got {self.k}")
+        if self.shards < 1:
+            raise ConfigError(f"retrieval.shards must be >= 1, got {self.shards}")
+        if self.query_batch < 1:
+            raise ConfigError(f"retrieval.query_batch must be >= 1, got {self.query_batch}")
+
+
+def check_factory(factory: str, dim: int, shard_rows: int) -> None:
+    """Reject a bad index string, or an IVF with more lists than a shard has vectors, before any actor starts."""
+    import faiss
+
+    from raysys.config import ConfigError
+
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ConfigError(f"retrieval.index: {factory!r} is not a FAISS index_factory string ({str(e).strip().splitlines()[-1]})") from None
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        return
+    if nlist > shard_rows:
+        raise ConfigError(
+            f"retrieval.index: {factory!r} has {nlist} lists but a shard holds only {shard_rows} vectors; "
+            "use fewer lists or fewer shards"
+        )
+
+
+# ---------------------------------------------------------------- one FAISS index
+
+
+def set_search_params(index: Any, nprobe: int) -> None:
+    """nprobe for IVF indexes (also inside wrappers), efSearch for HNSW; nothing for flat ones."""
+    import faiss
+
+    ps = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", max(nprobe, 16))):
+        try:
+            ps.set_index_parameter(index, name, value)
+            return
+        except RuntimeError:
+            continue
+
+
+def build_index(x: np.ndarray, factory: str = "Flat", nprobe: int = 16, train_size: int = 100_000, seed: int = 0) -> Any:
+    """An inner-product FAISS index over the rows of `x`, trained on a seeded sample if it needs it."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[1]
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"retrieval.index: {factory!r} is not a FAISS index_factory string ({str(e).strip().splitlines()[-1]})") from None
+    if not index.is_trained:
+        n = len(x)
+        sample = x if n <= train_size else x[np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))]
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1]
+            raise ValueError(f"index {factory!r} could not be trained on {len(sample)} vectors of this shard: {msg}") from None
+    index.add(x)
+    set_search_params(index, nprobe)
+    return index
+
+
+class ShardIndex:
+    """Ray actor holding one shard: rows [offset, offset + n) of the corpus."""
+
+    def __init__(
+        self,
+        loader: Callable[[], np.ndarray],
+        offset: int,
+        factory: str = "Flat",
+        nprobe: int = 16,
+        train_size: int = 100_000,
+        seed: int = 0,
+        threads: int = 0,
+        use_gpu: bool = False,
+    ):
+        import faiss
+
+        if threads > 0:
+            faiss.omp_set_num_threads(threads)
+        x = loader()
+        self.n, self.offset, self.dim = len(x), int(offset), int(x.shape[1])
+        self.index = build_index(x, factory, nprobe, train_size, seed)
+        del x
+        self.res = None
+        if use_gpu and faiss.get_num_gpus() > 0:  # faiss-gpu on a CPU box returns unusable indexes
+            try:
+                res = faiss.StandardGpuResources()
+                self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
+                self.res = res
+                set_search_params(self.index, nprobe)
+            except RuntimeError as e:  # e.g. HNSW has no GPU implementation: stay on CPU
+                logging.getLogger(__name__).warning("shard at %d stays on CPU: %s", offset, str(e).strip().splitlines()[-1])
+
+    def info(self) -> dict[str, Any]:
+        return {"n": self.n, "offset": self.offset, "dim": self.dim, "gpu": self.res is not None}
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        kk = min(k, self.n)
+        D, ix = self.index.search(np.array(q, dtype=np.float32, order="C"), kk)
+        return D, np.where(ix >= 0, ix + self.offset, -1)
+
+
+def merge_topk(Ds: Sequence[np.ndarray], ixs: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact global top-k from per-shard top-k: score descending, then global row ascending."""
+    D = np.concatenate(Ds, axis=1).astype(np.float32, copy=False)
+    ix = np.concatenate(ixs, axis=1).astype(np.int64, copy=False)
+    D = np.where(ix < 0, -np.inf, D)
+    order = np.lexsort((ix, -D), axis=-1)[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(ix, order, 1)
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal row ranges; never an empty shard."""
+    shards = max(1, min(shards, n))
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ShardedIndex:
+    """Driver-side handle: one `ShardIndex` actor per shard, parallel search, exact merge."""
+
+    def __init__(
+        self,
+        loaders: Sequence[Callable[[], np.ndarray]],
+        ranges: Sequence[tuple[int, int]],
+        factory: str = "Flat",
+        nprobe: int = 16,
+        train_size: int = 100_000,
+        seed: int = 0,
+        threads: int = 0,
+        cpus_per_shard: float = 0.25,
+        gpu: bool = True,
+    ):
+        import ray
+
+        res = ray.cluster_resources()
+        gpus = float(res.get("GPU", 0))
+        num_gpus = min(1.0, gpus / len(loaders)) if gpu and gpus > 0 else 0.0
+        threads = threads or max(1, int(res.get("CPU", 1)) // len(loaders))
+        actor = ray.remote(ShardIndex)
+        self.actors = [
+            actor.options(num_cpus=cpus_per_shard, num_gpus=num_gpus).remote(
+                loader, lo, factory, nprobe, train_size, seed + s, threads, num_gpus > 0
+            )
+            for s, (loader, (lo, _hi)) in enumerate(zip(loaders, ranges))
+        ]
+        try:
+            self.info = ray.get([a.info.remote() for a in self.actors])  # waits for every build
+        except Exception:
+            self.close()
+            raise
+        self.n = sum(i["n"] for i in self.info)
+
+    def search(self, queries: np.ndarray, k: int, batch: int = 4096, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, global rows) of every query; `window` batches in flight overlap transfer and search."""
+        import ray
+
+        nq = len(queries)
+        k_eff = min(k, self.n)
+        D = np.empty((nq, k_eff), np.float32)
+        ix = np.empty((nq, k_eff), np.int64)
+        flight: deque = deque()
+
+        def drain() -> None:
+            lo, hi, futs = flight.popleft()
+            out = ray.get(futs)
+            D[lo:hi], ix[lo:hi] = merge_topk([o[0] for o in out], [o[1] for o in out], k_eff)
+
+        for lo in range(0, nq, batch):
+            hi = min(nq, lo + batch)
+            ref = ray.put(np.ascontiguousarray(queries[lo:hi], dtype=np.float32))
+            flight.append((lo, hi, [a.search.remote(ref, k_eff) for a in self.actors]))
+            if len(flight) >= window:
+                drain()
+        while flight:
+            drain()
+        return D, ix
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def pairs_table(image_ids: pa.Array, text_ids: pa.Array, D: np.ndarray, ix: np.ndarray) -> pa.Table:
+    n, k = ix.shape
+    valid = (ix >= 0).ravel()
+    img = np.repeat(np.arange(n), k)[valid]
+    return pa.table(
+        {
+            "image_id": image_ids.take(pa.array(img)),
+            "text_id": text_ids.take(pa.array(ix.ravel()[valid])),
+            "rank": pa.array(np.tile(np.arange(k, dtype=np.int16), n)[valid], pa.int16()),
+            "score": pa.array(D.ravel()[valid].astype(np.float32), pa.float32()),
+        },
+        schema=PAIRS_SCHEMA,
+    )
+
+
+def read_pairs(data: str | Path, k: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """The weakly aligned corpus at K: stored top-max(K) pairs filtered to `rank < k`."""
+    cols = None if columns is None else list(dict.fromkeys([*columns, "rank"]))
+    t = read_table(data, "pairs", cols)
+    if k is not None:
+        t = t.filter(pc.less(t.column("rank"), k))
+    return t.select(list(columns)) if columns is not None else t
+
+
+def _ids(files: Sequence[Path]) -> pa.Array:
+    return pa.concat_arrays([pq.read_table(f, columns=["id"]).column(0).combine_chunks() for f in files])
+
+
+def _pairs_plan(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_files: list[Path]) -> tuple[int, list[int]]:
+    """(K to search, pending image shards), reusing stored pairs made with the same parameters."""
+    params = {
+        "index": cfg.index,
+        "nprobe": cfg.nprobe,
+        "shards": cfg.shards,
+        "train_size": cfg.train_size,
+        "seed": cfg.seed,
+        "model": model_id(cfg.embed.model),
+        "query": cfg.embed.query,
+        "images": fingerprint(img_files),
+        "texts": fingerprint(txt_files),
+    }
+    out = data / "pairs"
+    meta_path = out / "_meta.json"
+    old = None
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            old = None
+    if old and old.get("params") == params and int(old.get("k", 0)) >= cfg.k:
+        k = int(old["k"])
+    else:
+        k = cfg.k
+        if out.exists():
+            for f in out.glob("*.parquet"):
+                f.unlink()
+        write_text_atomic(meta_path, json.dumps({"params": params, "k": k}))
+    pending = [i for i in range(len(img_files)) if not (out / shard_name(i)).exists()]
+    return k, pending
+
+
+def retrieve(
+    data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None
+) -> dict[str, Any]:
+    """Embed, search, write `pairs/` and the diagnostics; return the diagnostics report."""
+    from raysys.diagnostics import retrieval_diagnostics, write_report
+
+    cfg = cfg or RetrievalConfig()
+    cfg.check()
+    data = Path(data)
+    t0 = time.perf_counter()
+    emb = embed(data, cfg.embed, ("images", "texts"), on_shard)
+    t_embed = time.perf_counter() - t0
+    img_files = shard_files(data / "embeddings", "images")
+    txt_files = shard_files(data / "embeddings", "texts")
+    n_texts = sum(pq.ParquetFile(f).metadata.num_rows for f in txt_files)
+    dim = pq.read_schema(txt_files[0]).field("vector").type.list_size
+    check_factory(cfg.index, dim, min(hi - lo for lo, hi in shard_ranges(n_texts, cfg.shards)))
+    k_search, pending = _pairs_plan(data, cfg, img_files, txt_files)
+    t1 = time.perf_counter()
+    index_info: list[dict[str, Any]] = []
+    if pending:
+        ensure_ray()
+        text_ids = _ids(txt_files)
+        ranges = shard_ranges(len(text_ids), cfg.shards)
+        loaders = [partial(read_vectors, txt_files, lo, hi) for lo, hi in ranges]
+        index = ShardedIndex(loaders, ranges, cfg.index, cfg.nprobe, cfg.train_size, cfg.seed,
+                             cfg.threads_per_shard, cfg.cpus_per_shard, cfg.gpu)  # fmt: skip
+        index_info = index.info
+        try:
+            for i in pending:
+                f = img_files[i]
+                ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
+                D, ix = index.search(read_vectors([f]), k_search, cfg.query_batch)
+                path = data / "pairs" / shard_name(i)
+                write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
+                log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))
+                if on_shard is not None:
+                    on_shard(path)
+        finally:
+            index.close()
+    t_search = time.perf_counter() - t1
+    n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(data, "pairs"))
+    if n_pairs == 0:
+        raise ContractError(data / "pairs", None, "pairs", "retrieval produced no pairs")
+    report = retrieval_diagnostics(data, cfg.k, seed=cfg.seed, examples=cfg.examples, max_images=cfg.diag_images,
+                                   query=cfg.embed.query)  # fmt: skip
+    report.update(
+        {
+            "k_stored": k_search,
+            "pairs": n_pairs,
+            "pairs_at_k": int(sum(pc.sum(pc.less(pq.read_table(f, columns=["rank"]).column(0), cfg.k)).as_py() or 0
+                                  for f in shard_files(data, "pairs"))),
+            "index": cfg.index,
+            "nprobe": cfg.nprobe,
+            "shards": len(index_info) if index_info else cfg.shards,
+            "gpu_index": any(i.get("gpu") for i in index_info),
+            "pairs_shards": len(img_files),
+            "pairs_shards_computed": len(pending),
+            "embed": emb,
+            "seconds_embed": round(t_embed, 2),
+            "seconds_search": round(t_search, 2),
+        }
+    )
+    write_report(data, "retrieval", report)
+    update_manifest(
+        data, "retrieval", counts={"pairs": n_pairs},
+        provenance={"k": cfg.k, "k_stored": k_search, "index": cfg.index, "shards": cfg.shards, "model": model_id(cfg.embed.model)},
+    )  # fmt: skip
+    return report

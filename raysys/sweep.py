@@ -1,0 +1,255 @@
+"""Ray Tune ablation sweeps: the paper's ablations as one command, one MLflow run per trial.
+
+Shape of a sweep (`configs/demo_sweep.yaml`):
+
+1. The data stages (world or an existing dataset → retrieval at K = max of the K axis → phrases)
+   run **once**, before any trial; a K sweep filters `rank < K` of that one retrieval.
+2. The trials are the union of the ablation axes (`mode: axes`, one factor at a time around the
+   base config, like the paper's tables) or their cartesian product (`mode: grid`), times the
+   seeds. Identical configurations that several axes share are trained once per axis, so that each
+   table of the report is complete by itself.
+3. Each trial is a Tune *function* trial that builds the pre-training `TorchTrainer` (Train V2
+   pattern: `TuneReportCallback` in the trainer's `RunConfig`), pre-trains, runs the zero-shot
+   evaluation on the checkpoint and reports its metrics to Tune.
+4. `MLflowLoggerCallback` (subclassed to tag each run with its ablation axis, variant and seed, to
+   nest it under the sweep's parent run, and to record the checkpoint) logs every trial.
+5. Re-running the same command resumes: `Tuner.restore` continues unfinished trials and never
+   re-runs finished ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysys import config as rconfig
+from raysys.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# axis name -> how one value of it becomes pre-training overrides
+AXES = {
+    "K": lambda v: {"k": int(v)},
+    "m": lambda v: {"m": int(v)},
+    "granularities": lambda v: {"recipe": "muvla", "granularities": list(v)},
+    "w_itm": lambda v: {"w_itm": bool(v)},
+    "recipe": lambda v: {"recipe": str(v)},
+    "paired_ratio": lambda v: {"recipe": "paired_ratio", "paired_ratio": float(v)},
+}
+GRAN_NAMES = {"rt": "R-T", "rp": "R-P", "is": "I-S"}
+
+
+def variant_name(axis: str, value: Any) -> str:
+    if axis == "granularities":
+        return "+".join(GRAN_NAMES.get(g, g) for g in value)
+    if axis == "w_itm":
+        return "with w_ITM" if value else "without w_ITM"
+    return str(value)
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: the data it runs on, the base pre-training config, the axes and the scheduling."""
+
+    name: str = "sweep"
+    experiment: str = ""  # MLflow experiment ("" = name)
+    tracking_uri: str = ""  # "" = sqlite:///<out>/mlflow.db
+    mode: str = "axes"  # axes: one factor at a time (paper tables) | grid: cartesian product
+    axes: dict[str, list[Any]] = field(default_factory=lambda: {"K": [1, 5, 10], "m": [0, 1]})
+    seeds: list[int] = field(default_factory=lambda: [0])
+    search: str = "grid"  # grid | random (random: `num_samples` trials drawn from the trial list)
+    num_samples: int = 0
+    scheduler: str = "none"  # none | asha (early-stops trials on the training loss)
+    asha_grace_period: int = 2  # reports before ASHA may stop a trial
+    metric: str = "t2i_r5"  # what `best` means
+    max_concurrent_trials: int = 0  # 0 = derived from the cluster's CPUs/GPUs and the trial's workers
+    data: str = ""  # an existing dataset dir; "" = build the demo world from `pipeline.world`
+    pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineConfig sections for the data stages
+    pretrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by all trials
+    zeroshot: dict[str, Any] = field(default_factory=dict)  # ZeroShotConfig fields
+
+
+def trial_specs(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The list of trials: axis, variant, seed and the pre-training overrides of each."""
+    unknown = set(cfg.axes) - set(AXES)
+    if unknown:
+        raise ConfigError(f"axes: unknown axis {sorted(unknown)}; known: {sorted(AXES)}")
+    specs: list[dict[str, Any]] = []
+    if cfg.mode == "axes":
+        for axis, values in cfg.axes.items():
+            for v, seed in itertools.product(values, cfg.seeds):
+                specs.append({"axis": axis, "variant": variant_name(axis, v), "seed": seed,
+                              "overrides": {**AXES[axis](v), "seed": seed}})  # fmt: skip
+    elif cfg.mode == "grid":
+        names = list(cfg.axes)
+        for combo in itertools.product(*(cfg.axes[n] for n in names)):
+            for seed in cfg.seeds:
+                ov: dict[str, Any] = {"seed": seed}
+                for n, v in zip(names, combo):
+                    ov.update(AXES[n](v))
+                specs.append({"axis": "grid", "variant": ", ".join(f"{n}={variant_name(n, v)}" for n, v in zip(names, combo)),
+                              "seed": seed, "overrides": ov})  # fmt: skip
+    else:
+        raise ConfigError(f"mode: {cfg.mode!r} is not one of ['axes', 'grid']")
+    if cfg.search == "random" and cfg.num_samples and cfg.num_samples < len(specs):
+        specs = random.Random(0).sample(specs, cfg.num_samples)
+    elif cfg.search not in ("grid", "random"):
+        raise ConfigError(f"search: {cfg.search!r} is not one of ['grid', 'random']")
+    for i, s in enumerate(specs):
+        s["id"] = f"{i:03d}-{s['axis']}-{s['variant']}-s{s['seed']}".replace(" ", "_").replace("/", "_")
+    return specs
+
+
+def max_k(cfg: SweepConfig) -> int:
+    ks = [int(v) for v in cfg.axes.get("K", [])]
+    return max([*ks, int(cfg.pretrain.get("k", 5))])
+
+
+def concurrency(cfg: SweepConfig, train_cfg) -> int:
+    """Trials that fit the cluster at once: each holds `workers` Ray Train workers."""
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    import ray
+
+    res = ray.cluster_resources()
+    if train_cfg.use_gpu and res.get("GPU", 0) > 0:
+        return max(1, int(res["GPU"] // train_cfg.workers))
+    return max(1, int(res.get("CPU", 1) // (train_cfg.workers * train_cfg.cpus_per_worker)))
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: pre-train on Ray Train (reporting through to Tune), then evaluate zero-shot."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysys.train import TrainConfig, fit
+    from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot
+
+    spec = config["trial"]
+    tcfg = rconfig.from_dict(TrainConfig, {**config["pretrain"], **spec["overrides"], "tracking_uri": "none"})
+    result = fit(tcfg, config["data"], spec["id"], config["storage"], callbacks=[TuneReportCallback()])
+    zcfg = rconfig.from_dict(ZeroShotConfig, {**config["zeroshot"], "mlflow": False, "ray": "never"})
+    zs = evaluate_zeroshot(result["checkpoint"], config["data"], zcfg)
+    metrics = {k: float(v) for k, v in zs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update({"final_loss": float(result["final_loss"] or math.nan), "pretrain_steps": float(result["steps"] or 0)})
+    ray.tune.report({**metrics, "checkpoint_uri": result["checkpoint"], "done_eval": 1.0})
+
+
+def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class SweepMLflowCallback(MLflowLoggerCallback):
+        """One run per trial, tagged with its ablation axis/variant/seed, nested under the sweep
+        run, with the checkpoint recorded; on resume a trial's existing run is reused."""
+
+        def log_trial_start(self, trial):
+            spec = trial.config.get("trial", {})
+            if trial not in self._trial_runs:
+                existing = self.mlflow_util._mlflow.search_runs(
+                    experiment_ids=[self.mlflow_util.experiment_id],
+                    filter_string=f"tags.`raysys.trial` = '{spec.get('id')}'", output_format="list",
+                )  # fmt: skip
+                if existing:
+                    self._trial_runs[trial] = existing[0].info.run_id
+            self.tags = {**(self.tags or {}), "mlflow.parentRunId": parent_run_id, "raysys.trial": spec.get("id", ""),
+                         "raysys.axis": spec.get("axis", ""), "raysys.variant": spec.get("variant", ""),
+                         "raysys.seed": str(spec.get("seed", "")), "raysys.role": "trial"}  # fmt: skip
+            super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration, trial, result):
+            super().log_trial_result(iteration, trial, result)
+            if "checkpoint_uri" in result:
+                self.mlflow_util._mlflow.MlflowClient().set_tag(
+                    self._trial_runs[trial], "raysys.checkpoint", str(result["checkpoint_uri"])
+                )
+
+    return SweepMLflowCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
+
+
+def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    from raysys import tracking
+    from raysys.pipeline import PipelineConfig, run_pipeline
+    from raysys.train import TrainConfig, ensure_ray
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    specs = trial_specs(cfg)
+    experiment = cfg.experiment or cfg.name
+    uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    base = rconfig.from_dict(TrainConfig, dict(cfg.pretrain))  # validates the shared config early
+    for s in specs:
+        rconfig.from_dict(TrainConfig, {**cfg.pretrain, **s["overrides"]})
+    started = ensure_ray()
+    try:
+        # 1. Data stages, once (each is restartable: a resumed sweep skips them).
+        if cfg.data:
+            data = Path(cfg.data).resolve()
+            summary = {}
+        else:
+            pdata = rconfig.apply_overrides(dict(cfg.pipeline), [f"retrieval.k={max_k(cfg)}"])
+            pcfg = rconfig.from_dict(PipelineConfig, pdata)
+            summary = run_pipeline(pcfg, out, stages=("world", "retrieval", "phrases"))
+            data = out / "data"
+        # 2. The sweep's parent MLflow run: config and retrieval diagnostics as artifacts.
+        parent_id, _ = tracking.start_run(uri, experiment, run_name=cfg.name, link=f"sweep:{out}",
+                                          params={"sweep.trials": len(specs), "sweep.mode": cfg.mode},
+                                          tags={"raysys.role": "sweep"})  # fmt: skip
+        rconfig_path = out / "sweep.yaml"
+        rconfig_path.write_text(rconfig.dump(cfg))
+        arts = [rconfig_path]
+        diag = data / "diagnostics" / "retrieval.json"
+        if diag.exists():
+            arts.append(diag)
+        tracking.log_artifacts(uri, parent_id, arts)
+        # 3. Tune over function trials that each run a TorchTrainer.
+        param_space = {
+            "trial": tune.grid_search(specs),
+            "pretrain": dict(cfg.pretrain),
+            "zeroshot": dict(cfg.zeroshot),
+            "data": str(data),
+            "storage": str(out / "train"),
+        }
+        trainable = tune.with_resources(_trial, tune.PlacementGroupFactory([{"CPU": 0, "memory": 64 * 2**20}]))
+        scheduler = None
+        if cfg.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(metric="loss", mode="min", grace_period=cfg.asha_grace_period)
+        elif cfg.scheduler != "none":
+            raise ConfigError(f"scheduler: {cfg.scheduler!r} is not one of ['none', 'asha']")
+        run_config = tune.RunConfig(name=cfg.name, storage_path=str(out / "tune"),
+                                    callbacks=[_mlflow_callback(uri, experiment, parent_id)])  # fmt: skip
+        path = str(out / "tune" / cfg.name)
+        if tune.Tuner.can_restore(path):
+            log.info("resuming sweep from %s", path)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
+                               tune_config=tune.TuneConfig(scheduler=scheduler,
+                                                           max_concurrent_trials=concurrency(cfg, base)))  # fmt: skip
+        grid = tuner.fit()
+        rows = []
+        for r in grid:
+            m = r.metrics or {}
+            spec = (r.config or {}).get("trial", {})
+            rows.append({"id": spec.get("id"), "axis": spec.get("axis"), "variant": spec.get("variant"),
+                         "seed": spec.get("seed"), cfg.metric: m.get(cfg.metric), "error": str(r.error) if r.error else None})  # fmt: skip
+        done = [r for r in rows if r[cfg.metric] is not None]
+        best = max(done, key=lambda r: r[cfg.metric]) if done else None
+        tracking.end_run(uri, parent_id, "FINISHED")
+        result = {"experiment": experiment, "tracking_uri": uri, "trials": len(rows), "finished": len(done),
+                  "errors": sum(r["error"] is not None for r in rows), "best": best, "out": str(out),
+                  "data": str(data), "retrieval": summary.get("retrieval")}  # fmt: skip
+        (out / "sweep_result.json").write_text(json.dumps({**result, "rows": rows}, indent=2, default=str))
+        return result
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,255 @@
+"""MLflow helpers shared by every stage that records results (pre-training, evaluation, sweeps).
+
+Why a module of its own: each stage needs the same four decisions, and they must agree so that one
+MLflow UI shows the whole project —
+
+- **where** runs go: any tracking URI from config; by default `sqlite:///<dir>/mlflow.db` next to
+  the stage's output (MLflow 3's `file:` store refuses to work without an opt-in, and a sqlite file
+  travels with the run directory). Artifacts of a sqlite store default to `<dir>/mlartifacts`,
+  not MLflow's `./mlartifacts` of whatever the current directory happens to be;
+- **what** a config becomes: flattened dotted keys (`world.images`), values as short strings;
+- **which** run a re-run continues: a run is found again by a *link key* tag (e.g. the Ray Train
+  storage path + run name), so a resumed or restarted job logs into the run it started instead
+  of creating a second one;
+- **how** metrics are written: buffered `log_batch` calls (one sqlite transaction per batch, not
+  per value) so that per-step logging costs the training loop next to nothing.
+
+Only the MLflow client API is used (`MlflowClient`), never the global "active run" state: a Ray
+worker, a Tune trial and the driver may each hold a run at once without stepping on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LINK_TAG = "raysys.link"  # the tag a re-run uses to find its run again
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY_LEN = 250
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+OFF = ("none", "off", "false", "disabled")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def default_tracking_uri(base: str | os.PathLike) -> str:
+    """`sqlite:///<abs base>/mlflow.db` (the directory is created)."""
+    p = Path(base).expanduser().resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{p / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None, base: str | os.PathLike | None) -> str | None:
+    """The URI to log to: `uri` when given, None when tracking is switched off (`none`/`off`),
+    else the sqlite default under `base` (a local directory; a remote `base` such as s3:// has no
+    place for a sqlite file, so the default then falls back to the current directory)."""
+    if uri and uri.strip().lower() in OFF:
+        return None
+    if uri:
+        return uri
+    if base is None or is_uri(base):
+        base = Path.cwd()
+    return default_tracking_uri(base)
+
+
+def sqlite_dir(uri: str) -> Path | None:
+    """The directory holding a `sqlite:///…` store's file (for its artifacts), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent
+    return None
+
+
+def describe(uri: str, run_id: str, experiment: str | None = None) -> str:
+    """One line telling a user where a run is and how to look at it."""
+    where = f"run {run_id}" + (f" in experiment '{experiment}'" if experiment else "")
+    return f"MLflow: {where} at {uri}  (view: mlflow ui --backend-store-uri {uri})"
+
+
+# ---------------------------------------------------------------- params
+
+
+def _param_value(v: Any) -> str:
+    if isinstance(v, (list, tuple, dict)):
+        s = json.dumps(v, default=str)
+    elif v is None:
+        s = "None"
+    else:
+        s = str(v)
+    return s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict → `{"a.b": "value"}` with MLflow-safe string values (lists as JSON,
+    over-long values truncated, over-long keys cut)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key[:MAX_KEY_LEN]] = _param_value(v)
+    return out
+
+
+def config_params(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """A typed config (dataclass) or a dict, flattened for `log_params`."""
+    from raysys import config as rconfig
+
+    d = rconfig.to_dict(cfg)
+    return flatten_params(d, prefix)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(c, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, creating it (with its artifact root) when missing; a deleted one is
+    restored rather than failing on the name clash."""
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # created concurrently by another process: look it up again
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def find_run(c, experiment_id: str, link: str):
+    """The most recent run of the experiment tagged with this link key, or None."""
+    q = f"tags.`{LINK_TAG}` = '{link.replace(chr(39), chr(39) * 2)}'"
+    runs = c.search_runs([experiment_id], filter_string=q, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    link: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    reopen: bool = True,
+) -> tuple[str, bool]:
+    """Create a run, or reopen the run carrying the same `link` key. Returns (run_id, reopened).
+    `reopen=False` always creates a new run (tagged with the link, so the *next* re-run finds it):
+    for a caller that knows the work it tracks starts from scratch.
+
+    Params of a reopened run are only added, never changed (MLflow forbids changing a param):
+    keys that already hold another value are kept and the difference is logged as a warning.
+    """
+    from mlflow.entities import RunStatus
+
+    c = client(uri)
+    root = sqlite_dir(uri)
+    exp_id = ensure_experiment(c, experiment, (root / "mlartifacts").as_uri() if root else None)
+    run = find_run(c, exp_id, link) if (link and reopen) else None
+    all_tags = {**(tags or {}), **({LINK_TAG: link} if link else {})}
+    if run is None:
+        run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+        run_id, reopened, existing = run.info.run_id, False, {}
+    else:
+        run_id, reopened, existing = run.info.run_id, True, dict(run.data.params)
+        c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        log_tags(uri, run_id, all_tags)
+    if params:
+        new = {k: v for k, v in flatten_params(params).items() if k not in existing}
+        changed = {k for k, v in flatten_params(params).items() if k in existing and existing[k] != v}
+        if changed:
+            log.warning("MLflow run %s keeps its first value of changed params %s", run_id, sorted(changed))
+        log_params(uri, run_id, new)
+    return run_id, reopened
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        c.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+
+def log_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    c = client(uri)
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        c.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    with MetricBuffer(uri, run_id) as buf:
+        buf.add(metrics, step or 0)
+
+
+def log_artifacts(uri: str, run_id: str, paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> None:
+    c = client(uri)
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            c.log_artifacts(run_id, str(p), artifact_path)
+        else:
+            c.log_artifact(run_id, str(p), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
+class MetricBuffer:
+    """Per-step metrics collected in memory and written with `log_batch` (≤ 1000 per call) when
+    `flush()` is called or the buffer holds `max_items`. Non-finite values are skipped (MLflow
+    stores them, but they break its charts); keys are cut to MLflow's limit."""
+
+    def __init__(self, uri: str, run_id: str, max_items: int = 2000):
+        self.uri, self.run_id, self.max_items = uri, run_id, max_items
+        self._items: list[Any] = []
+        self._client = None
+
+    def add(self, metrics: Mapping[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            self._items.append(Metric(k[:MAX_KEY_LEN], float(v), ts, int(step)))
+        if len(self._items) >= self.max_items:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        if self._client is None:
+            self._client = client(self.uri)
+        items, self._items = self._items, []
+        for i in range(0, len(items), METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=items[i : i + METRICS_PER_BATCH])
+
+    def __enter__(self) -> MetricBuffer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()

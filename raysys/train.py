@@ -1,0 +1,853 @@
+"""Distributed pre-training on Ray Train (Train V2): `TorchTrainer` over N CPU or GPU workers.
+
+The per-step work is the plain-PyTorch core of `raysys.pretrain` unchanged (`prepare`, the
+mixer, `make_step`, `make_optimizer`); this module adds what a cluster run needs:
+
+- **DDP**: `ray.train.torch.prepare_model`; each worker loads only its shard of the data
+  (`prepare(cfg, data, rank, world_size)` reads the Parquet shards and keeps rank's images). The
+  ranks agree on the batch counts (all-reduce MIN) so every rank runs the same granularity at the
+  same step, which DDP's collectives require.
+- **Optimisation**: AdamW, linear warm-up then linear decay, gradient accumulation over
+  `grad_accum` micro-batches (DDP `no_sync` on all but the last). Effective batch =
+  `batch_size × workers × grad_accum` (the paper's 480 = e.g. 60 × 4 × 2). On CUDA: bf16
+  autocast and optional `torch.compile` of the encoder; on CPU: float32 with torch's thread count
+  set to the worker's CPUs (Ray gives a worker 1 CPU by default; more threads than CPUs only
+  oversubscribe the cores).
+- **Checkpoints** every `checkpoint_every` steps and at every epoch end through
+  `ray.train.report(metrics, checkpoint=…)`. A checkpoint directory holds
+  `model.pt` (`raysys.model.save_checkpoint` format: loads with `load_checkpoint`/`raysys export`),
+  `train_state.pt` (optimiser, scheduler, step, epoch), `rng-rank<r>.pt` (each rank's torch /
+  CUDA / numpy / python RNG: dropout differs per rank), `metrics.json` and `config.yaml`. Every
+  `.pt` is tensors and plain containers only and is read back with `torch.load(weights_only=True)`:
+  a checkpoint never runs code, and a tampered pickle is refused.
+- **Resume**: Train V2 restores a run from its storage when a run with the same
+  `RunConfig(name, storage_path)` is started again; the loop then continues from
+  `ray.train.get_checkpoint()` at the exact step, with the same batches (a pure function of seed,
+  rank and step) and the same RNG states, so a stopped-and-resumed run equals an uninterrupted one.
+  `FailureConfig(max_failures)` restarts the worker group from the latest checkpoint when a worker
+  dies.
+- **MLflow**: the driver creates (or, on resume, reopens) one run holding the resolved config as
+  params; rank 0 logs every loss component per step, learning rate, the mean `w_ITM`,
+  samples/s and tokens/s (all ranks); the driver adds the config and the final model as
+  artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raysys.config import ConfigError
+from raysys.pretrain import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FORMAT = "raysys.trainstate/1"
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class TrainConfig(PretrainConfig):
+    """`PretrainConfig` plus the Ray Train run settings: one flat namespace, so a YAML file or
+    `key=value` override addresses model, data, optimisation and cluster knobs alike, and Tune can
+    sweep any of them."""
+
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool | None = None  # None = GPUs when the cluster has any
+    cpus_per_worker: float = 1.0  # Ray CPUs per worker; on CPU also torch's thread count (unless `threads`)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    bf16: bool = True  # CUDA only: bf16 autocast (CPU trains in float32)
+    compile: bool = False  # CUDA only: torch.compile the encoder
+    checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = epoch ends only)
+    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
+    max_failures: int = 1  # FailureConfig(max_failures): worker-group restarts from the latest checkpoint
+    storage: str = ""  # Ray Train storage (dir or s3://, gs://); "" = the CLI's --storage / the pipeline's OUT/train
+    tracking_uri: str = ""  # MLflow; "" = sqlite:///<storage or --out>/mlflow.db, "none" = off
+    experiment: str = "raysys-pretrain"  # MLflow experiment
+    stop_after_epochs: int = 0  # end this invocation after N more epochs (a re-run continues); 0 = run to the end
+    fail_at_step: int = 0  # failure drill: the last rank SIGKILLs itself at this step, once per invocation (0 = off)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Fail in the driver, in one line, on what would otherwise fail inside every worker."""
+    from raysys.recipes import resolve
+
+    for key in ("workers", "grad_accum", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} must be ≥ 1")
+    for key in ("checkpoint_every", "stop_after_epochs", "fail_at_step", "max_failures", "steps", "steps_per_epoch"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} must be ≥ 0")
+    if cfg.cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker: {cfg.cpus_per_worker} must be > 0")
+    resolve(cfg)  # unknown recipe / granularities
+
+
+def demo_config() -> TrainConfig:
+    """The brief 2-worker run of `raysys demo` (also `configs/pretrain_demo.yaml`)."""
+    return TrainConfig(**DEMO)
+
+
+DEMO: dict[str, Any] = {  # 2 epochs of 20 steps: the w_ITM curriculum (m = 1) acts in the second
+    "workers": 2,
+    "model_layers": 2,
+    "batch_size": 16,
+    "steps_per_epoch": 20,
+    "epochs": 2,
+    "checkpoint_every": 10,
+    "log_every": 5,
+    "lr": 1e-4,
+}
+
+
+# ---------------------------------------------------------------- the step plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Optimiser steps of the run. A step takes `grad_accum` consecutive mixer slots
+    (micro-steps); epochs are counted in optimiser steps, as in the local loop when grad_accum=1."""
+
+    per_epoch: int
+    total: int
+    grad_accum: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, mixer_steps_per_epoch: int) -> Plan:
+        if cfg.grad_accum < 1:
+            raise ConfigError(f"grad_accum: {cfg.grad_accum} must be ≥ 1")
+        per_epoch = cfg.steps_per_epoch or max(1, mixer_steps_per_epoch // cfg.grad_accum)
+        total = cfg.steps or cfg.epochs * per_epoch
+        return cls(per_epoch, total, cfg.grad_accum)
+
+    def epoch(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def epochs_done(self, steps_done: int) -> int:
+        return -(-steps_done // self.per_epoch) if steps_done else 0
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG the loop may draw from, as tensors and plain values (weights_only-loadable)."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},  # fmt: skip
+        "python": {"version": int(version), "state": torch.tensor(pystate, dtype=torch.int64),
+                   "gauss": gauss},  # fmt: skip
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only. Anything else — a
+    pickle that names a class or a function — is refused with a one-line error, never executed."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from raysys.contract import ContractError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ContractError(path, None, "pickle", f"refused: not a weights-only checkpoint ({first})") from None
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def write_checkpoint_files(
+    directory: Path, rank: int, module, opt, sched, state: dict[str, Any], metrics: dict[str, Any], cfg: TrainConfig
+) -> None:
+    """Rank 0 writes the shared files (model, optimiser, scheduler, metrics, config); every rank
+    writes its RNG state. Ray Train merges the ranks' directories into one checkpoint."""
+    import torch
+
+    from raysys import config as rconfig
+    from raysys.model import save_checkpoint
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), directory / rng_file(rank))
+    if rank != 0:
+        return
+    extra = {"recipe": cfg.recipe, "steps": state["step"], "epoch": state["epoch"], "pretrain_config": rconfig.to_dict(cfg),
+             "mlflow_run_id": metrics.get("mlflow_run_id"), "tracking_uri": metrics.get("tracking_uri")}  # fmt: skip
+    save_checkpoint(directory / MODEL_FILE, module, extra)
+    payload = {
+        "format": TRAIN_STATE_FORMAT,
+        **state,
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "scheduler": sched.state_dict() if sched is not None else {},
+    }
+    torch.save(payload, directory / STATE_FILE)
+    (directory / METRICS_FILE).write_text(json.dumps(metrics))
+    (directory / CONFIG_FILE).write_text(rconfig.dump(cfg))
+
+
+def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
+    from raysys.contract import ContractError
+
+    path = Path(directory) / STATE_FILE
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        raise ContractError(path, None, "format", f"not a raysys training state ({state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    return state
+
+
+def read_checkpoint_metrics(directory: str | os.PathLike) -> dict[str, Any]:
+    p = Path(directory) / METRICS_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+# ---------------------------------------------------------------- the worker loop
+
+
+def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _say(msg: str) -> None:
+    """Progress lines from rank 0 go to stderr: Ray forwards worker stderr to the driver's
+    stderr, so the driver's stdout keeps only the final JSON line."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _mean_components(parts: list[dict[str, float]]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for p in parts:
+        for k, v in p.items():
+            acc.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    """Sequence positions the encoder attends to: text tokens + regions."""
+    return int(batch["text_mask"].sum()) + int(batch["region_mask"].sum())
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP kwargs that skip the per-forward buffer broadcast: the model's buffers (position ids)
+    never change, so the broadcast would be one collective per forward for nothing. torch ≥ 2.13
+    renamed the flag (`broadcast_buffers` → `forward_sync_buffers`)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def _every_parameter_in_the_graph(model):
+    """Wrap a `VLModel` so that every parameter takes part in every backward pass.
+
+    DDP (without `find_unused_parameters`) all-reduces gradient buckets as their parameters'
+    gradients arrive; a parameter that gets no gradient on one rank leaves that rank's bucket
+    unready and the ranks' collectives out of step (gloo then fails with "Received data size
+    doesn't match"). The model's `aux_zero` already touches every head; but a batch in which no
+    objective has a target (a small R-P batch where no link was masked, an R-T batch with nothing
+    masked) leaves the *encoder* out of the loss. Adding `0 · sum(hidden states)` to `aux_zero`
+    keeps it in, at the cost of nothing the backward pass was not already doing."""
+    import torch
+
+    class EveryParameter(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch):
+            out = self.inner(batch)
+            if torch.is_grad_enabled():
+                out["aux_zero"] = out["aux_zero"] + (out["text_hidden"].sum() + out["region_hidden"].sum()) * 0.0
+            return out
+
+    return EveryParameter(model)
+
+
+def _failure_drill(rank: int, step: int, invocation: str) -> None:
+    """`fail_at_step`: this worker process dies by SIGKILL, once per `fit()` invocation, so that
+    `FailureConfig` recovery can be exercised on any cluster (docs/training.md).
+
+    Once: a marker file in the run's storage (any filesystem Ray Train writes to) records that the
+    drill fired; the restarted worker group passes the step without dying again. Before dying the
+    worker waits until the controller has taken its last report: a report sits in the worker's
+    queue until the controller's next poll, and a worker that dies first takes it along (the run
+    would then restart from the checkpoint before it — correct, but not what a drill should show).
+    """
+    import signal
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    try:
+        storage = ray.train.get_context().get_storage()
+        fs, marker = storage.storage_filesystem, f"{storage.experiment_fs_path}/.failure-drill-{invocation}"
+        if fs.get_file_info(marker).type != pafs.FileType.NotFound:
+            return
+        with fs.open_output_stream(marker) as f:
+            f.write(f"rank {rank} pid {os.getpid()} step {step}\n".encode())
+    except Exception as e:  # noqa: BLE001 - a drill that cannot record itself must not fire (it would loop)
+        _say(f"[raysys] failure drill skipped: cannot write its marker ({e})")
+        return
+    try:  # Ray Train internals (2.60): the worker's report queue; best effort, bounded wait
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        q = get_train_context().get_result_queue()
+        deadline = time.monotonic() + 30
+        while q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001
+        pass
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) * 2)
+    _say(f"[raysys] failure drill: rank {rank} kills its own process (pid {os.getpid()}) at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Trainee:
+    """Everything one rank trains with, and `step(s)`: one optimiser step (its `grad_accum`
+    micro-batches, backward, clipping, AdamW, scheduler). The Ray Train worker loop and the plain
+    loop of `raysys bench train` both call this, so that the benchmark measures what Ray Train
+    adds and nothing else."""
+
+    cfg: TrainConfig
+    model: Any  # what is called: the DDP wrapper under Ray Train with > 1 worker, else the VLModel
+    module: Any  # the VLModel (what checkpoints hold)
+    opt: Any
+    sched: Any
+    streams: dict[str, Any]
+    mixer: Any
+    plan: Plan
+    step_fn: Any
+    device: Any
+    is_ddp: bool
+
+    def autocast(self):
+        import torch
+
+        if self.device.type == "cuda" and self.cfg.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, s: int) -> tuple[dict[str, float], float, int, int]:
+        """Run optimiser step `s`; returns (mean loss components, lr used, samples, tokens)."""
+        import torch
+
+        from raysys.granularity import to_device
+
+        epoch = self.plan.epoch(s)
+        lr = self.sched.get_last_lr()[0] if self.sched is not None else 0.0
+        parts: list[dict[str, float]] = []
+        samples = tokens = 0
+        for a in range(self.plan.grad_accum):
+            u = s * self.plan.grad_accum + a
+            batches = [to_device(self.streams[g].batch(j), self.device) for g, j in self.mixer.at(u)]
+            samples += sum(int(b["input_ids"].shape[0]) for b in batches)
+            tokens += sum(_tokens(b) for b in batches)
+            if self.opt is None:  # a recipe without updates (`base`): losses only
+                with torch.no_grad(), self.autocast():
+                    _, comps = self.step_fn(self.model, batches, epoch)
+            else:
+                last = a == self.plan.grad_accum - 1
+                with self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext():
+                    with self.autocast():
+                        loss, comps = self.step_fn(self.model, batches, epoch)
+                    (loss / self.plan.grad_accum).backward()
+            parts.append(comps)
+        if self.opt is not None:
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        comps = _mean_components(parts)
+        if not math.isfinite(comps["loss"]):
+            raise FloatingPointError(f"step {s}: loss is {comps['loss']} ({comps})")
+        return comps, lr, samples, tokens
+
+
+def make_trainee(cfg: TrainConfig, setup, device, batches_per_epoch: dict[str, int], wrap=None) -> Trainee:
+    """Build model, optimiser, schedule and mixer for one rank. `wrap(model)` places the model
+    (Ray Train's `prepare_model`); without it the model is moved to `device`."""
+    import torch
+
+    from raysys.curriculum import make_mixer
+    from raysys.model import build_model
+    from raysys.pretrain import make_optimizer, make_step
+
+    recipe = setup.recipe
+    mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
+    plan = Plan.of(cfg, mixer.steps_per_epoch)
+    module = build_model(setup.model_config, seed=cfg.seed)
+    if device.type == "cuda" and cfg.compile:
+        module.lm.bert.encoder.compile(dynamic=True)  # in place: state_dict keys are unchanged
+    model = wrap(module) if wrap is not None else module.to(device)
+    module.train()
+    opt = sched = None
+    if recipe.update:
+        opt, sched = make_optimizer(module, cfg, plan.total)
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return Trainee(cfg, model, module, opt, sched, setup.streams, mixer, plan, make_step(cfg, recipe), device, is_ddp)
+
+
+def set_threads(cfg: TrainConfig, device) -> None:
+    """CPU: torch's intra-op threads = the CPUs the worker holds (Ray sets OMP_NUM_THREADS to
+    them too); more threads than cores only contend."""
+    import torch
+
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body each Ray Train worker runs (one DDP rank)."""
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raysys import config as rconfig
+    from raysys.pretrain import prepare
+
+    t_setup = time.perf_counter()
+    cfg = rconfig.from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    set_threads(cfg, device)
+    np.random.seed(cfg.seed)
+
+    setup = prepare(cfg, config["data"], rank, world)
+    names = list(setup.recipe.granularities)
+    local = [float(len(setup.streams[g])) for g in names]
+    agreed = {g: int(x) for g, x in zip(names, _all_reduce(local, device, op="min"))}
+
+    def wrap(m):
+        m = _every_parameter_in_the_graph(m) if world > 1 else m
+        return ray.train.torch.prepare_model(m, parallel_strategy_kwargs=_no_buffer_sync())
+
+    tr = make_trainee(cfg, setup, device, agreed, wrap)
+    plan, module, opt, sched = tr.plan, tr.module, tr.opt, tr.sched
+    # Dropout stream: rank 0 matches the local loop's; other ranks get their own.
+    torch.manual_seed(cfg.seed + 1_000_003 * rank)
+
+    # -- resume
+    start, restored_from = 0, None
+    invocation, invocation_start = config["invocation"], None
+    mlflow_run_id = config.get("mlflow_run_id")
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            from raysys.contract import ContractError
+            from raysys.model import CHECKPOINT_FORMAT
+
+            payload = safe_load(Path(d) / MODEL_FILE)
+            if payload.get("format") != CHECKPOINT_FORMAT:
+                raise ContractError(Path(d) / MODEL_FILE, None, "format", "not a raysys model checkpoint")
+            module.load_state_dict(payload["state_dict"])
+            state = load_train_state(d)
+            if opt is not None and state["optimizer"]:
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+            rng = Path(d) / rng_file(rank)
+            if rng.exists() and state.get("world_size") == world:
+                _set_rng_state(safe_load(rng))
+            else:  # a different worker count: continue, but not bit-for-bit
+                torch.manual_seed(cfg.seed + 1_000_003 * rank + state["step"])
+        start = restored_from = int(state["step"])
+        if state.get("invocation") == invocation:  # a restart after a failure within this fit()
+            invocation_start = state.get("invocation_start")
+        if rank == 0:
+            _say(f"[raysys] resuming at step {start}/{plan.total} (epoch {plan.epoch(start)})")
+    if invocation_start is None:
+        invocation_start = start
+
+    metrics_buf = None
+    if rank == 0 and config.get("tracking_uri") and mlflow_run_id:
+        from raysys.tracking import MetricBuffer
+
+        metrics_buf = MetricBuffer(config["tracking_uri"], mlflow_run_id)
+
+    setup_s = time.perf_counter() - t_setup
+    step_times: list[float] = []  # this attempt, rank 0's wall time per step (without checkpoint writes)
+    step_samples: list[int] = []  # this attempt, this rank's samples per step
+    loss_global = float("nan")
+    samples = tokens = 0  # since the last log step (this rank)
+    total_samples = total_tokens = 0  # this attempt, all ranks
+    t_log = t_loop = time.perf_counter()
+    stop = False
+    steps_done = start
+    kill_rank = world - 1
+
+    for s in range(start, plan.total):
+        t_step = time.perf_counter()
+        epoch = plan.epoch(s)
+        if cfg.fail_at_step and s == cfg.fail_at_step and rank == kill_rank:
+            _failure_drill(rank, s, invocation)
+        comps, lr, n_samples, n_tokens = tr.step(s)
+        samples += n_samples
+        tokens += n_tokens
+        step_samples.append(n_samples)
+        steps_done = s + 1
+        end_of_epoch = steps_done % plan.per_epoch == 0
+        last = steps_done == plan.total
+        checkpoint_now = last or end_of_epoch or (cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
+        log_now = checkpoint_now or (cfg.log_every and s % cfg.log_every == 0)
+        w = [v for k, v in comps.items() if k.endswith(".w_itm")]
+        row = {**comps, "lr": lr, "epoch": float(epoch)}
+        if w:
+            row["w_itm"] = sum(w) / len(w)
+        if log_now:  # one small all-reduce: the mean loss and the global sample/token counts
+            loss_sum, n_s, n_t = _all_reduce([comps["loss"], float(samples), float(tokens)], device)
+            loss_global = loss_sum / world
+            now = time.perf_counter()
+            dt = max(now - t_log, 1e-9)
+            row.update(loss_all_ranks=loss_global, samples_per_s=n_s / dt, tokens_per_s=n_t / dt)
+            total_samples += int(n_s)
+            total_tokens += int(n_t)
+            samples = tokens = 0
+            t_log = now
+            if rank == 0:
+                parts_txt = " ".join(f"{k}={v:.4f}" for k, v in comps.items())
+                _say(f"[raysys] step {steps_done}/{plan.total} epoch {epoch} lr={lr:.2e} {parts_txt} "
+                     f"samples/s={row['samples_per_s']:.1f}")  # fmt: skip
+        if metrics_buf is not None:
+            metrics_buf.add(row, s)
+        if checkpoint_now:
+            epochs_done = plan.epochs_done(steps_done)
+            if (
+                cfg.stop_after_epochs
+                and end_of_epoch
+                and not last
+                and epochs_done - plan.epoch(invocation_start) >= cfg.stop_after_epochs
+            ):
+                stop = True
+            step_times.append(time.perf_counter() - t_step)  # before the checkpoint is written
+            loop_s = time.perf_counter() - t_loop
+            metrics = {
+                "step": steps_done,
+                "epoch": epoch,
+                "epochs": epochs_done,
+                "total_steps": plan.total,
+                "steps_per_epoch": plan.per_epoch,
+                "complete": last,
+                "stopped": stop,
+                "final_loss": loss_global,
+                "loss": comps["loss"],
+                "components": {k: v for k, v in comps.items() if k != "loss"},
+                "lr": lr,
+                "world_size": world,
+                "grad_accum": plan.grad_accum,
+                "global_batch": cfg.batch_size * world * plan.grad_accum,
+                "resumed_from_step": restored_from,
+                "attempt_start_step": start,
+                "setup_seconds": setup_s,
+                "loop_seconds": loop_s,
+                "samples": total_samples,
+                "tokens": total_tokens,
+                "samples_per_s": total_samples / loop_s if loop_s > 0 else None,
+                "tokens_per_s": total_tokens / loop_s if loop_s > 0 else None,
+                "step_seconds": step_times,
+                "step_samples": step_samples,
+                "device": str(device),
+                "mlflow_run_id": mlflow_run_id,
+                "tracking_uri": config.get("tracking_uri"),
+            }
+            state = {"step": steps_done, "epoch": epoch, "total_steps": plan.total, "per_epoch": plan.per_epoch,
+                     "world_size": world, "invocation": invocation, "invocation_start": invocation_start}  # fmt: skip
+            if metrics_buf is not None:
+                metrics_buf.flush()  # what MLflow shows never runs ahead of the checkpoint
+            with tempfile.TemporaryDirectory(prefix="raysys-ckpt-") as tmp:
+                write_checkpoint_files(Path(tmp), rank, module, opt, sched, state, metrics, cfg)
+                # what Ray Train (and Tune, through TuneReportCallback) sees; the rest is in metrics.json
+                keep = ("step", "epoch", "epochs", "complete", "stopped", "final_loss", "loss", "lr",
+                        "samples_per_s", "tokens_per_s", "world_size", "resumed_from_step")  # fmt: skip
+                report = {k: metrics[k] for k in keep}
+                report.update({f"c.{k}": v for k, v in metrics["components"].items()})
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint-{steps_done:08d}")  # fmt: skip
+            if stop:
+                if rank == 0:
+                    _say(f"[raysys] stopping after epoch {epoch} (stop_after_epochs={cfg.stop_after_epochs}); "
+                         "re-run with the same name to continue")  # fmt: skip
+                break
+            continue
+        step_times.append(time.perf_counter() - t_step)
+    if metrics_buf is not None:
+        metrics_buf.flush()
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def resolve_storage(storage: str | os.PathLike) -> str:
+    """A URI (s3://, gs://, …) is passed through to RunConfig; a local path is made absolute
+    (Ray Train requires it) and created."""
+    s = str(storage)
+    if "://" in s:
+        return s
+    p = Path(s).expanduser().resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return str(p)
+
+
+def run_exists(storage: str, name: str) -> bool:
+    """Whether Ray Train has state for this run (what makes a re-run resume)."""
+    import pyarrow.fs as pafs
+
+    try:
+        from ray.train.v2._internal.constants import (
+            CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,  # Ray 2.60 internals
+        )
+
+        fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+        info = fs.get_file_info(f"{base.rstrip('/')}/{name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")
+        return info.type != pafs.FileType.NotFound
+    except Exception:  # noqa: BLE001 - unknown: let the MLflow link decide
+        return True
+
+
+def checkpoint_uri(ckpt) -> str:
+    """A checkpoint's location as a path (local storage) or URI (remote storage)."""
+    fs = getattr(ckpt, "filesystem", None)
+    kind = getattr(fs, "type_name", "local") if fs is not None else "local"
+    if kind in ("local", None):
+        return str(ckpt.path)
+    return f"{kind}://{str(ckpt.path).lstrip('/')}" if kind != "gcs" else f"gs://{str(ckpt.path).lstrip('/')}"
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Attach to RAY_ADDRESS / an initialised Ray, else start a small local one whose workers'
+    stderr (training progress) reaches this process. True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        import getpass
+
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            _temp_dir=os.environ.get("RAYSYS_RAY_TMP", f"/tmp/raysys-{getpass.getuser()}"),
+        )
+    return True
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(
+    cfg: TrainConfig,
+    data: str | os.PathLike,
+    name: str,
+    storage: str | os.PathLike,
+    *,
+    tracking_base: str | os.PathLike | None = None,
+    log_model: bool = True,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) pre-training `name` under `storage`; returns the summary the CLI prints.
+
+    `tracking_base` is where the default sqlite MLflow store goes when `cfg.tracking_uri` is ""
+    (default: the storage directory when it is local). `callbacks` go to `RunConfig(callbacks=…)`.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysys import config as rconfig
+    from raysys import tracking
+
+    validate(cfg)
+    if not name or "/" in name:
+        raise ConfigError(f"name: {name!r} must be a non-empty name without '/'")
+    data = Path(data).expanduser().resolve()
+    if not (data / "manifest.json").exists():
+        from raysys.contract import ContractError
+
+        raise ContractError(data / "manifest.json", None, "manifest", "no dataset here (manifest.json missing)")
+    storage = resolve_storage(storage)
+    t0 = time.perf_counter()
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri, tracking_base if tracking_base is not None else storage)
+    run_id = None
+    if uri:
+        run_id, reopened = tracking.start_run(
+            uri, cfg.experiment, run_name=name, link=f"{storage.rstrip('/')}/{name}",
+            params={**rconfig.to_dict(cfg), "data": str(data), "storage": storage, "name": name},
+            tags={"raysys.stage": "pretrain", "raysys.storage": storage, "raysys.name": name},
+            reopen=run_exists(storage, name),  # a fresh storage dir is a new run, even if MLflow knew the name
+        )  # fmt: skip
+        log.info("%s%s", tracking.describe(uri, run_id, cfg.experiment), " (reopened)" if reopened else "")
+    use_gpu = _use_gpu(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": rconfig.to_dict(cfg),
+            "data": str(data),
+            "invocation": uuid.uuid4().hex,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks or None,  # e.g. TuneReportCallback() when a Tune trial runs this fit
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if uri and run_id:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"run {name}: training ended without a checkpoint")
+    with ckpt.as_directory() as d:
+        metrics = read_checkpoint_metrics(d) or dict(result.metrics or {})
+        complete = bool(metrics.get("complete"))
+        if uri and run_id:
+            tracking.log_tags(uri, run_id, {"raysys.complete": str(complete).lower(),
+                                             "raysys.checkpoint": checkpoint_uri(ckpt)})  # fmt: skip
+            if complete and log_model:
+                tracking.log_artifacts(uri, run_id, [Path(d) / CONFIG_FILE, Path(d) / MODEL_FILE])
+    if uri and run_id:
+        tracking.end_run(uri, run_id, "FINISHED")
+    comps = metrics.get("components", {})
+    return {
+        "name": name,
+        "storage": storage,
+        "final_loss": metrics.get("final_loss"),
+        "steps": metrics.get("step"),
+        "total_steps": metrics.get("total_steps"),
+        "epochs": metrics.get("epochs"),
+        "complete": complete,
+        "checkpoint": checkpoint_uri(ckpt),
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "experiment": cfg.experiment if uri else None,
+        "workers": metrics.get("world_size", cfg.workers),
+        "global_batch": metrics.get("global_batch"),
+        "resumed_from_step": metrics.get("resumed_from_step"),
+        "recipe": cfg.recipe,
+        "components": comps,
+        "samples_per_s": metrics.get("samples_per_s"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "device": metrics.get("device"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---------------------------------------------------------------- the CLI branch
+
+
+def run_cli(args, data: dict[str, Any]) -> int:
+    """`raysys pretrain` without `--local`: `data` is the config mapping after overrides."""
+    from raysys import config as rconfig
+
+    if getattr(args, "workers", None) is not None:
+        data["workers"] = args.workers
+    if getattr(args, "steps", None) is not None:
+        data["steps"] = args.steps
+    cfg = rconfig.from_dict(TrainConfig, data)
+    validate(cfg)
+    if args.dry_run:
+        print(rconfig.dump(cfg), end="")
+        return 0
+    if getattr(args, "history", None):
+        raise ConfigError("--history is for --local runs; a Ray Train run logs every step to MLflow")
+    storage = args.storage or cfg.storage
+    if not args.name or not storage:
+        raise ConfigError("distributed pre-training needs --name and --storage (or use --local)")
+    started = ensure_ray()
+    try:
+        result = fit(cfg, args.data, args.name, storage, tracking_base=getattr(args, "out", None) or None)
+        if getattr(args, "out", None) and result["complete"]:
+            _copy_final_model(result["checkpoint"], Path(args.out), cfg)
+            result["model"] = str(Path(args.out) / MODEL_FILE)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if result["tracking_uri"]:
+        from raysys.tracking import describe
+
+        print(describe(result["tracking_uri"], result["mlflow_run_id"], result["experiment"]), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def _copy_final_model(checkpoint: str, out: Path, cfg: TrainConfig) -> None:
+    """`--out`: the final model.pt and resolved config next to each other, as `--local` writes."""
+    from ray.train import Checkpoint
+
+    from raysys import config as rconfig
+    from raysys.contract import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    with Checkpoint(checkpoint).as_directory() as d:
+        tmp = out / f".{MODEL_FILE}.tmp"
+        shutil.copyfile(Path(d) / MODEL_FILE, tmp)
+        os.replace(tmp, out / MODEL_FILE)
+    write_text_atomic(out / "pretrain.yaml", rconfig.dump(cfg))

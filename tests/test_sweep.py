@@ -1,0 +1,119 @@
+"""Ray Tune ablation sweeps and the MLflow-backed report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from raysys import config
+from raysys.config import ConfigError
+from raysys.report import write_report
+from raysys.sweep import SweepConfig, trial_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trial_specs_axes_and_grid():
+    cfg = config.load(SweepConfig, ROOT / "configs" / "demo_sweep.yaml")
+    specs = trial_specs(cfg)
+    axes = [s["axis"] for s in specs]
+    assert len(specs) >= 6 and {"K", "m", "granularities"} <= set(axes)
+    assert axes.count("granularities") >= 2
+    assert len({s["id"] for s in specs}) == len(specs)
+    k = [s for s in specs if s["axis"] == "K"]
+    assert [s["overrides"]["k"] for s in k] == [1, 5, 10]
+    grid = trial_specs(SweepConfig(mode="grid", axes={"K": [1, 5], "w_itm": [True, False]}, seeds=[0, 1]))
+    assert len(grid) == 8 and {s["axis"] for s in grid} == {"grid"}
+    pr = trial_specs(SweepConfig(axes={"paired_ratio": [0.0, 0.5]}))
+    assert pr[1]["overrides"] == {"recipe": "paired_ratio", "paired_ratio": 0.5, "seed": 0}
+    with pytest.raises(ConfigError, match="unknown axis"):
+        trial_specs(SweepConfig(axes={"lr": [1]}))
+
+
+def _fake_sweep_store(uri: str) -> None:
+    """A real MLflow store shaped like a sweep's: two K variants × two seeds, a paired-ratio axis."""
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("s")
+    client.set_terminated(client.create_run(exp, tags={"raysys.role": "sweep"}).info.run_id)
+    for axis, variant, seed, r5 in [("K", "1", 0, 10.0), ("K", "1", 1, 20.0), ("K", "5", 0, 30.0), ("K", "5", 1, 50.0),
+                                    ("paired_ratio", "0.0", 0, 5.0), ("paired_ratio", "1.0", 0, 25.0)]:  # fmt: skip
+        run = client.create_run(exp, tags={"raysys.axis": axis, "raysys.variant": variant, "raysys.seed": str(seed)})
+        client.log_metric(run.info.run_id, "t2i_r5", r5)
+        client.log_metric(run.info.run_id, "i2t_r5", r5 / 2)
+        client.set_terminated(run.info.run_id)
+    unfinished = client.create_run(exp, tags={"raysys.axis": "K", "raysys.variant": "10", "raysys.seed": "0"})
+    client.log_metric(unfinished.info.run_id, "t2i_r5", 99.0)  # RUNNING: must not count
+
+
+def test_report_tables_and_plots(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _fake_sweep_store(uri)
+    res = write_report(uri, "s", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert res["runs"] == 6 and set(res["axes"]) == {"K", "paired_ratio"}
+    assert "| 1 | 2 | 15.0 ± 7.1 |" in md  # mean ± sample std of 10 and 20
+    assert "**40.0 ± 14.1**" in md  # best K row is bold
+    assert "99.0" not in md
+    assert sorted(res["plots"]) == ["K.png", "paired_ratio.png"]
+    for p in res["plots"]:
+        assert (tmp_path / "rep" / p).stat().st_size > 10_000
+
+
+def _finished_trial_runs(uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("raysys.role") == "trial"
+            and r.info.status == "FINISHED"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sweep_interrupt_resume_and_mlflow(tmp_path):
+    """Interrupt a 2-trial sweep after its first trial, re-run: only the second trial runs."""
+    out = tmp_path / "sweep"
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    args = [sys.executable, "-m", "raysys", "sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"),
+            "--out", str(out), "axes={K: [1, 5]}", "pipeline.world.images=120", "pretrain.steps=6",
+            "pretrain.steps_per_epoch=3", "zeroshot.max_images=10", "max_concurrent_trials=1"]  # fmt: skip
+    env = {**os.environ, "RAYSYS_RAY_TMP": str(Path("/tmp") / f"rsw{os.getpid()}")}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "mlflow.db").exists() and len(_finished_trial_runs(uri, "demo-sweep")) >= 1:
+                break
+            time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the Ray cluster it started
+        proc.wait()
+    first = _finished_trial_runs(uri, "demo-sweep")
+    assert len(first) == 1, "the first trial should have finished before the interrupt"
+    done_id = first[0].data.tags["raysys.trial"]
+
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["trials"] == 2 and result["experiment"] == "demo-sweep" and result["tracking_uri"] == uri
+    runs = _finished_trial_runs(uri, "demo-sweep")
+    ids = [x.data.tags["raysys.trial"] for x in runs]
+    assert sorted(ids) == ["000-K-1-s0", "001-K-5-s0"]  # one finished run per trial: nothing re-ran
+    assert next(x for x in runs if x.data.tags["raysys.trial"] == done_id).info.run_id == first[0].info.run_id
+    for x in runs:  # complete MLflow data: params, final metrics, checkpoint link
+        assert any(k.startswith("pretrain/") for k in x.data.params) and x.data.params["trial/axis"] == "K"
+        assert {"t2i_r5", "i2t_r5", "itm_auc", "final_loss"} <= set(x.data.metrics)
+        assert Path(x.data.tags["raysys.checkpoint"]).is_dir()
+        assert x.data.tags["mlflow.parentRunId"]
+    rep = subprocess.run([sys.executable, "-m", "raysys", "report", "--tracking-uri", uri, "--experiment", "demo-sweep",
+                          "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "K.png").exists()
