@@ -95,10 +95,10 @@ def tables(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _cell(stat: tuple[float, float] | None, best: bool) -> str:
+def _cell(key: str, stat: tuple[float, float] | None, best: bool) -> str:
     if stat is None:
         return "–"
-    s = f"{stat[0]:.1f} ± {stat[1]:.1f}" if stat[0] > 1.5 else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+    s = f"{stat[0]:.3f} ± {stat[1]:.3f}" if key == "itm_auc" else f"{stat[0]:.1f} ± {stat[1]:.1f}"
     return f"**{s}**" if best else s
 
 
@@ -109,7 +109,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     sep = "|---|---:|" + "---:|" * len(keys)
     lines = [head, sep]
     for r in rows:
-        cells = [_cell(r["stats"].get(k), len(rows) > 1 and r["stats"].get(k, (None,))[0] == best[k]) for k in keys]
+        cells = [_cell(k, r["stats"].get(k), len(rows) > 1 and r["stats"].get(k, (None,))[0] == best[k]) for k in keys]
         lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -57,3 +57,23 @@ def small_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "data"
     write_world(WorldConfig(images=200, seed=7), out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_tracking_uri():
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; a test that sets it must not
+    redirect the next test's runs (code resolves the env var before a checkpoint's own store)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(before or "")
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
