@@ -1,4 +1,4 @@
-"""Zero-shot evaluation as a Ray job: the pipeline's `zeroshot` stage on OUT/data.
+"""Zero-shot evaluation as a Ray job: the pipeline's `zeroshot` and `report` stages on OUT/data.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env jobs/runtime_env.yaml -- \
@@ -6,7 +6,8 @@
 
 Scores the gold evaluation pairs with the ITM head of the checkpoint that the `pretrain` stage
 recorded in OUT/summary.json (and of the un-pre-trained `base` model), and logs to that MLflow
-run. Uses the `zeroshot:` section of the pipeline config. Prints OUT/summary.json as its last line.
+run, then writes OUT/report.md (also logged to that run). Uses the `zeroshot:` section of the
+pipeline config. Prints OUT/summary.json as its last line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-STAGES = ["zeroshot"]  # names in raysys.pipeline.STAGES
+STAGES = ["zeroshot", "report"]  # names in raysys.pipeline.STAGES
 
 
 def run(args: argparse.Namespace) -> dict | None:

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     return _common.parser(
         "jobs/pipeline.py",
-        "Run the whole pipeline (world → retrieval → phrases → pretrain → zeroshot, as far as this "
+        "Run the whole pipeline (world → retrieval → phrases → pretrain → zeroshot → report, as far as this "
         "raysys has stages) on the Ray cluster this job is attached to.",
         out_help="run directory or URI: dataset in OUT/data, OUT/summary.json",
     )

@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from raysys import config
-    from raysys.featurize import FeaturizeConfig, ensure_ray, featurize, list_inputs
+    from raysys.featurize import FeaturizeConfig, featurize, list_inputs
+    from raysys.raycluster import ensure_ray
 
     cfg = config.from_dict(FeaturizeConfig, config.apply_overrides({}, args.overrides))
     if args.actors:

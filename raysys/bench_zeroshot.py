@@ -96,9 +96,9 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from raysys.embedding import ensure_ray
     from raysys.phrases import extract_phrases
     from raysys.pretrain import PretrainConfig, train_local
+    from raysys.raycluster import ensure_ray
     from raysys.retrieval import retrieve
     from raysys.rss import PeakRSS
     from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysys.contract import ContractError, shard_files, shard_name, write_parquet_atomic, write_text_atomic
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EmbedConfig:
     actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cluster CPU
     cpus_per_actor: float = 0.5  # fractional: whole-CPU actors deadlock a 2-CPU Ray Data pool (STACK-NOTES)
     threads_per_actor: int = 1  # torch intra-op threads of a CPU actor
+    strict: bool = False  # an image without tags (no query) fails the run; else it is skipped and counted
 
 
 def resolve_model(name: str = "") -> str:
@@ -124,14 +126,16 @@ def _queries_block(batch: pa.Table, mode: str = "regions") -> pa.Table:
     """Ray Data map: images rows → (table, path, id, text) rows holding the query strings."""
     tags = batch.column("tags").to_pylist()
     scores = batch.column("tag_scores").to_pylist()
-    return pa.table(
+    text = pa.array([query_string(t or [], s, mode) for t, s in zip(tags, scores)], pa.string())
+    out = pa.table(
         {
             "table": pa.array(["images"] * batch.num_rows, pa.string()),
             "path": batch.column("path"),
             "id": batch.column("image_id"),
-            "text": pa.array([query_string(t or [], s, mode) for t, s in zip(tags, scores)], pa.string()),
+            "text": text,
         }
     )
+    return out.filter(pc.greater(pc.utf8_length(text), 0))  # untagged images have no query (see check_inputs)
 
 
 def _texts_block(batch: pa.Table) -> pa.Table:
@@ -221,13 +225,6 @@ class Embedder:
 # ---------------------------------------------------------------- Ray plumbing
 
 
-def ensure_ray() -> bool:
-    """Connect to RAY_ADDRESS, reuse an initialised Ray, or start a small local one."""
-    from raysys.featurize import ensure_ray as _ensure
-
-    return _ensure()
-
-
 def actor_resources(actors: int, cpus_per_actor: float) -> tuple[int, float, float]:
     """(pool size, CPUs per actor, GPUs per actor): one actor per GPU when the cluster has GPUs."""
     import ray
@@ -260,21 +257,34 @@ def input_files(data: Path, table: str) -> list[Path]:
     return files
 
 
-def check_inputs(data: Path, table: str, files: Iterable[Path]) -> None:
-    """Fail fast, before any actor starts: untagged images (no query), blank texts, duplicate ids."""
+def has_query(f: Path) -> np.ndarray:
+    """Per row of an images shard: does the image have at least one non-blank tag (a query)?"""
+    tags = pq.read_table(f, columns=["tags"]).column("tags").combine_chunks()
+    flat = pc.utf8_trim_whitespace(tags.flatten())
+    parent = pc.list_parent_indices(tags).to_numpy()
+    ok = np.zeros(len(tags), bool)
+    ok[parent[pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False)]] = True
+    return ok
+
+
+def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = False) -> int:
+    """Fail fast, before any actor starts, on blank texts and duplicate ids; return the number of
+    images without tags. Such an image has no retrieval query: it is skipped (kept for image-only
+    pre-training, absent from `pairs/`) and counted, or in `strict` mode fails the run. An image
+    set where no image has a tag is always an error."""
+    files = list(files)
+    skipped, first = 0, None
     for f in files:
         if table == "images":
-            t = pq.read_table(f, columns=["image_id", "tags"])
-            tags = t.column("tags").combine_chunks()
-            flat = pc.utf8_trim_whitespace(tags.flatten())
-            parent = pc.list_parent_indices(tags).to_numpy()
-            ok = np.zeros(t.num_rows, bool)
-            ok[parent[pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False)]] = True
+            ok = has_query(f)
             if not ok.all():
-                row = int(np.argmin(ok))
-                raise ContractError(
-                    f, row, "tags", f"image {t.column('image_id')[row].as_py()!r} has no tags: its retrieval query would be empty"
-                )
+                skipped += int((~ok).sum())
+                if first is None:
+                    row = int(np.argmin(ok))
+                    iid = pq.read_table(f, columns=["image_id"]).column(0)[row].as_py()
+                    first = ContractError(f, row, "tags", f"image {iid!r} has no tags: its retrieval query would be empty")
+                if strict:
+                    raise first
         else:
             t = pq.read_table(f, columns=["text_id", "text"])
             text = t.column("text")
@@ -286,6 +296,11 @@ def check_inputs(data: Path, table: str, files: Iterable[Path]) -> None:
         vc = pc.value_counts(ids)
         dup = vc.field("values")[int(np.argmax(vc.field("counts").to_numpy()))].as_py()
         raise ContractError(data / table, None, ID_COLUMN[table], f"duplicate id {dup!r}: ids must be unique")
+    if first is not None:
+        if skipped == len(ids):
+            raise ContractError(data / table, None, "tags", f"none of the {skipped} images has a tag: there is nothing to retrieve for")
+        log.warning("%s; %d image(s) without tags are skipped by retrieval (embed.strict=true makes this an error)", first, skipped)
+    return skipped
 
 
 def fingerprint(files: Sequence[Path]) -> list[list[Any]]:
@@ -374,7 +389,8 @@ def embed(
         kept = reset_if_stale(out_dir, meta)
         pending = [i for i in range(len(files)) if not (out_dir / shard_name(i)).exists()]
         if pending:
-            check_inputs(data, table, [files[i] for i in pending] if kept else files)
+            # images: always every shard (cheap: the tags column), so "no image has a tag" is judged on all
+            check_inputs(data, table, [files[i] for i in pending] if kept and table == "texts" else files, cfg.strict)
         plan[table] = {"files": files, "out": out_dir, "pending": pending}
     todo = {t: p for t, p in plan.items() if p["pending"]}
     if todo:
@@ -383,12 +399,10 @@ def embed(
     for table, p in plan.items():
         outs = shard_files(data / "embeddings", table)
         dim = pq.read_schema(outs[0]).field("vector").type.list_size if outs else None
-        report[table] = {
-            "shards": len(p["files"]),
-            "computed": len(p["pending"]),
-            "rows": sum(_file_rows(f) for f in outs),
-            "dim": dim,
-        }
+        rows = sum(_file_rows(f) for f in outs)
+        report[table] = {"shards": len(p["files"]), "computed": len(p["pending"]), "rows": rows, "dim": dim}
+        if table == "images":
+            report[table]["skipped_no_tags"] = sum(_file_rows(f) for f in p["files"]) - rows
     return report
 
 
@@ -423,11 +437,15 @@ def _dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
 
 def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[Path], None] | None) -> None:
     ensure_ray()
-    # (table, file name) -> shard index, expected rows
+    # (table, file name) -> shard index, expected rows; images without a query are not embedded
     where: dict[tuple[str, str], tuple[int, int]] = {}
+    keep: dict[tuple[str, str], np.ndarray] = {}
     for table, p in todo.items():
         for i in p["pending"]:
-            where[(table, p["files"][i].name)] = (i, _file_rows(p["files"][i]))
+            key = (table, p["files"][i].name)
+            if table == "images":
+                keep[key] = has_query(p["files"][i])
+            where[key] = (i, int(keep[key].sum()) if key in keep else _file_rows(p["files"][i]))
     got: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in where}
     count = dict.fromkeys(where, 0)
     dim = None
@@ -437,6 +455,8 @@ def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[
         i, _n = where[key]
         src = todo[table]["files"][i]
         file_ids = pq.read_table(src, columns=[ID_COLUMN[table]]).column(0).combine_chunks()
+        if key in keep:
+            file_ids = file_ids.filter(pa.array(keep[key]))
         if got[key]:
             ids = np.concatenate([a for a, _ in got[key]])
             vecs = np.concatenate([b for _, b in got[key]])

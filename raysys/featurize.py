@@ -48,6 +48,7 @@ from raysys.contract import (
     write_parquet_atomic,
     write_text_atomic,
 )
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -421,28 +422,6 @@ def _empty_record(image_id: str, dim: int, source: str) -> ImageRecord:
 
 
 # ---------------------------------------------------------------- Ray
-
-
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to `RAY_ADDRESS` if set (a cluster, or `ray job submit`), reuse an initialised Ray,
-    else start a small local one. Returns True when this call started Ray (the caller shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        import getpass
-
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-            object_store_memory=512 * 2**20,
-            _temp_dir=os.environ.get("RAYSYS_RAY_TMP", f"/tmp/raysys-{getpass.getuser()}"),
-        )
-    return True
 
 
 def _actor_count(cfg: FeaturizeConfig) -> int:

@@ -52,12 +52,12 @@ from raysys.embedding import (
     Embedder,
     actor_resources,
     block_rows_for,
-    ensure_ray,
     fingerprint,
     model_id,
     normalise_tag,
     reset_if_stale,
 )
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The whole pipeline as one function: world → retrieval → phrases → pre-training → zero-shot.
+"""The whole pipeline as one function: world → retrieval → phrases → pre-training → zero-shot → report.
 
 `raysys demo` and `jobs/pipeline.py` both call `run_pipeline`. Each stage is a function
 `(cfg, out_dir, summary) -> None` that runs its stage on `out_dir/data` and records its figures
@@ -58,7 +58,7 @@ def _world_figures(data: Path) -> dict[str, Any]:
 
 def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Embed tag queries and texts, top-K sharded FAISS search → data/pairs; summary holds the diagnostics."""
-    from raysys.embedding import ensure_ray
+    from raysys.raycluster import ensure_ray
     from raysys.retrieval import retrieve
 
     ensure_ray()
@@ -67,8 +67,8 @@ def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> 
 
 def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Noun phrases of the retrieved sentences linked to regions → data/phrases."""
-    from raysys.embedding import ensure_ray
     from raysys.phrases import extract_phrases
+    from raysys.raycluster import ensure_ray
 
     ensure_ray()
     summary["phrases"] = extract_phrases(out / "data", cfg.phrases)
@@ -100,12 +100,80 @@ def stage_zeroshot(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> N
     summary["zeroshot"] = zeroshot_stage(cfg.zeroshot, out / "data", summary.get("pretrain") or {})
 
 
+def _fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return "–" if v is None else str(v)
+
+
+def pipeline_report(summary: dict[str, Any]) -> str:
+    """The run on one page (Markdown), from `summary.json` alone: what each stage produced, the
+    figures to judge it by, and where its MLflow run is."""
+    lines = ["# raysys pipeline report", ""]
+    world = summary.get("world") or {}
+    if world:
+        counts = world.get("counts") or {}
+        lines += ["## Data", "", "| table | rows |", "|---|---:|", *[f"| {k} | {v} |" for k, v in counts.items()], ""]
+    ret = summary.get("retrieval") or {}
+    if ret:
+        lines += [f"## Retrieval (top-{ret.get('k')}, index `{ret.get('index')}`, {ret.get('shards')} shard(s))", "",
+                  "| figure | value |", "|---|---:|",
+                  f"| tag coverage, retrieved pairs | {_fmt(ret.get('tag_coverage_retrieved'))} |",
+                  f"| tag coverage, random pairs | {_fmt(ret.get('tag_coverage_random'))} |",
+                  f"| gold recall@{ret.get('k')} | {_fmt(ret.get('gold_recall_at_k'))} |",
+                  f"| gold recall, random | {_fmt(ret.get('gold_recall_random'))} |",
+                  f"| pairs | {_fmt(ret.get('pairs'))} |", ""]  # fmt: skip
+        for ex in (ret.get("examples") or [])[:3]:
+            lines.append(f"- **{ex.get('image_id')}** tags: {', '.join(map(str, ex.get('tags') or []))}")
+            for r in (ex.get("retrieved") or [])[:3]:
+                text = r.get("text") if isinstance(r, dict) else r
+                lines.append(f"  - {text}" + (" (gold)" if isinstance(r, dict) and r.get("gold") else ""))
+        lines.append("")
+    ph = summary.get("phrases") or {}
+    if ph:
+        lines += ["## Phrases", "", ", ".join(f"{k}: {_fmt(v)}" for k, v in ph.items() if not isinstance(v, (dict, list))), ""]
+    pre = summary.get("pretrain") or {}
+    if pre:
+        lines += [f"## Pre-training ({pre.get('steps')} steps, {pre.get('workers')} worker(s), global batch "
+                  f"{pre.get('global_batch')}, {pre.get('device')})", "",
+                  f"final loss {_fmt(pre.get('final_loss'))}; checkpoint `{pre.get('checkpoint')}`", "",
+                  "| term | last value |", "|---|---:|",
+                  *[f"| {k} | {_fmt(v)} |" for k, v in sorted((pre.get("components") or {}).items())], ""]  # fmt: skip
+        if pre.get("mlflow"):
+            lines += [f"MLflow: {pre['mlflow']}", ""]
+    zs = summary.get("zeroshot") or {}
+    if zs.get("pretrained") and zs.get("base"):
+        from raysys.zeroshot import format_table
+
+        lines += ["## Zero-shot retrieval, pre-trained vs base", "", "```", format_table({k: zs[k] for k in ("pretrained", "base")}),
+                  "```", "", f"margin text→image R@5: {_fmt(zs.get('margin_t2i_r5'), 1)} points; "
+                  f"image→text R@5: {_fmt(zs.get('margin_i2t_r5'), 1)} points", ""]  # fmt: skip
+    secs = {k: v.get("seconds") for k, v in summary.items() if isinstance(v, dict) and v.get("seconds") is not None}
+    if secs:
+        lines += ["## Stage times (s)", "", " · ".join(f"{k} {_fmt(v, 1)}" for k, v in secs.items()), ""]
+    return "\n".join(lines)
+
+
+def stage_report(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
+    """OUT/report.md from the summary, also logged as an artifact of the pre-training MLflow run."""
+    path = out / "report.md"
+    write_text_atomic(path, pipeline_report(summary))
+    summary["report"] = {"path": str(path), "mlflow_artifact": False}
+    pre = summary.get("pretrain") or {}
+    if pre.get("tracking_uri") and pre.get("mlflow_run_id"):
+        from raysys import tracking
+
+        tracking.log_artifacts(pre["tracking_uri"], pre["mlflow_run_id"], [path])
+        summary["report"]["mlflow_artifact"] = True
+
+
 STAGES: list[tuple[str, Callable[[PipelineConfig, Path, dict], None]]] = [
     ("world", stage_world),
     ("retrieval", stage_retrieval),
     ("phrases", stage_phrases),
     ("pretrain", stage_pretrain),
     ("zeroshot", stage_zeroshot),
+    ("report", stage_report),
 ]
 
 

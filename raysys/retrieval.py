@@ -43,7 +43,8 @@ from raysys.contract import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from raysys.embedding import EmbedConfig, embed, ensure_ray, fingerprint, model_id, read_vectors
+from raysys.embedding import EmbedConfig, embed, fingerprint, model_id, read_vectors
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,10 @@ def retrieve(
             for i in pending:
                 f = img_files[i]
                 ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
-                D, ix = index.search(read_vectors([f]), k_search, cfg.query_batch)
+                if len(ids):
+                    D, ix = index.search(read_vectors([f]), k_search, cfg.query_batch)
+                else:  # every image of this shard was untagged: an empty pairs shard
+                    D, ix = np.zeros((0, k_search), np.float32), np.zeros((0, k_search), np.int64)
                 path = data / "pairs" / shard_name(i)
                 write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
                 log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))

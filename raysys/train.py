@@ -664,24 +664,11 @@ def checkpoint_uri(ckpt) -> str:
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Attach to RAY_ADDRESS / an initialised Ray, else start a small local one whose workers'
-    stderr (training progress) reaches this process. True when this call started Ray."""
-    import ray
+    """`raysys.raycluster.ensure_ray`, with the workers' stderr (training progress) reaching this
+    process. True when this call started Ray."""
+    from raysys.raycluster import ensure_ray as _ensure
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        import getpass
-
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            object_store_memory=256 * 2**20,
-            _temp_dir=os.environ.get("RAYSYS_RAY_TMP", f"/tmp/raysys-{getpass.getuser()}"),
-        )
-    return True
+    return _ensure(num_cpus, log_to_driver=True, object_store_mb=256)
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:

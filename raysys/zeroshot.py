@@ -199,7 +199,7 @@ def _score_with_ray(source, corpus, tokens, pair_img, pair_txt, cfg: ZeroShotCon
     import ray
     from ray.util import ActorPool
 
-    from raysys.embedding import ensure_ray
+    from raysys.raycluster import ensure_ray
 
     started = ensure_ray()
     try:

@@ -237,14 +237,17 @@ def test_pipeline_job_submitted_to_a_loopback_cluster(own_cluster, tmp_path):
     assert world["counts"]["texts"] > 0 and world["counts"]["gold"] > 0
     assert (out / "data" / "manifest.json").exists()
 
-    # ---- EXTEND when the later stages land (issue 9 must-show: "the MLflow run and the report
-    # exist"). Today STAGES == [world]; these activate by themselves when the stages are added.
-    if "pretrain" in summary:
-        import mlflow
+    # The MLflow run of the pre-training, its zero-shot metrics, and the report (file + artifact).
+    import mlflow
 
-        pre = summary["pretrain"]
-        run = mlflow.MlflowClient(tracking_uri=pre["tracking_uri"]).get_run(pre["mlflow_run_id"])
-        assert run.info.status == "FINISHED"
-    if "zeroshot" in summary:
-        assert {"pretrained", "base"} <= set(summary["zeroshot"])
-    # TODO(lead): once the report stage exists (issue 8), assert its report.md / PNGs exist here.
+    pre = summary["pretrain"]
+    client = mlflow.MlflowClient(tracking_uri=pre["tracking_uri"])
+    run = client.get_run(pre["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert "zeroshot.t2i_r5" in run.data.metrics and "zeroshot.base.t2i_r5" in run.data.metrics
+    assert {"pretrained", "base"} <= set(summary["zeroshot"])
+    report = (out / "report.md").read_text()
+    assert summary["report"] == {"path": str(out / "report.md"), "mlflow_artifact": True, "seconds": summary["report"]["seconds"]}
+    assert "## Zero-shot retrieval, pre-trained vs base" in report and "## Retrieval" in report
+    assert f"{summary['zeroshot']['pretrained']['t2i_r5']:.1f}" in report
+    assert "report.md" in [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -28,7 +28,7 @@ from raysys.contract import (
     shard_name,
     write_parquet_atomic,
 )
-from raysys.embedding import distinct_tags, query_string
+from raysys.embedding import EmbedConfig, distinct_tags, query_string
 from raysys.retrieval import RetrievalConfig, ShardIndex, merge_topk, read_pairs, retrieve, shard_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,13 +174,29 @@ def _tiny_texts(path: Path, texts: list[str]) -> None:
     write_parquet_atomic(t, path / "texts" / shard_name(0))
 
 
-def test_image_without_tags_is_a_clear_error(tmp_path):
+def test_image_without_tags_strict_is_a_clear_error(tmp_path):
     _tiny_images(tmp_path, [["dog"], ["", " "]])
     _tiny_texts(tmp_path, ["a dog"])
     with pytest.raises(ContractError) as e:
-        retrieve(tmp_path)
+        retrieve(tmp_path, RetrievalConfig(embed=EmbedConfig(strict=True)))
     msg = str(e.value)
     assert "row 1" in msg and "'tags'" in msg and "im1" in msg and "query would be empty" in msg and "\n" not in msg
+    _tiny_images(tmp_path, [[], [" "]])
+    with pytest.raises(ContractError, match="none of the 2 images has a tag"):
+        retrieve(tmp_path)
+
+
+def test_image_without_tags_is_skipped_and_counted(tmp_path, ray_session, caplog):
+    """About a quarter of real Flickr8k photos get no detection: they must not stop retrieval."""
+    _tiny_images(tmp_path, [["dog", "dog"], ["", " "], ["cat"], []])
+    _tiny_texts(tmp_path, ["a dog runs on the grass", "a cat sleeps on a sofa", "a red bus on a street"])
+    with caplog.at_level("WARNING", logger="raysys.embedding"):
+        rep = retrieve(tmp_path, RetrievalConfig(k=2, shards=1))
+    assert rep["embed"]["images"]["skipped_no_tags"] == 2
+    warn = [r.getMessage() for r in caplog.records if "without tags" in r.getMessage()]
+    assert len(warn) == 1 and "row 1: field 'tags'" in warn[0] and "2 image(s)" in warn[0]
+    pairs = read_pairs(tmp_path, 1).to_pydict()
+    assert dict(zip(pairs["image_id"], pairs["text_id"])) == {"im0": "t0", "im2": "t1"}
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path, capsys):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -76,6 +78,21 @@ def _finished_trial_runs(uri: str, experiment: str) -> list:
             and r.info.status == "FINISHED"]  # fmt: skip
 
 
+def _finished_trials_readonly(db: Path) -> int:
+    """Finished trial runs, read without MLflow: an `MlflowClient` on a store that the sweep is
+    still creating would run the schema migrations concurrently with it and break them."""
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute(
+                "SELECT COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'raysys.role' AND t.value = 'trial' AND r.status = 'FINISHED'"
+            ).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet, or locked by a writer
+        return 0
+
+
 @pytest.mark.slow
 def test_sweep_interrupt_resume_and_mlflow(tmp_path):
     """Interrupt a 2-trial sweep after its first trial, re-run: only the second trial runs."""
@@ -90,7 +107,7 @@ def test_sweep_interrupt_resume_and_mlflow(tmp_path):
     deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (out / "mlflow.db").exists() and len(_finished_trial_runs(uri, "demo-sweep")) >= 1:
+            if _finished_trials_readonly(out / "mlflow.db") >= 1:
                 break
             time.sleep(2)
     finally:
