@@ -267,16 +267,18 @@ def has_query(f: Path) -> np.ndarray:
     return ok
 
 
-def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = False) -> int:
-    """Fail fast, before any actor starts, on blank texts and duplicate ids; return the number of
-    images without tags. Such an image has no retrieval query: it is skipped (kept for image-only
-    pre-training, absent from `pairs/`) and counted, or in `strict` mode fails the run. An image
-    set where no image has a tag is always an error."""
+def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = False) -> dict[Path, np.ndarray]:
+    """Fail fast, before any actor starts, on blank texts and duplicate ids; for images, return
+    each file's `has_query` mask (the embedding run reuses it). An image without tags has no
+    retrieval query: it is skipped (kept for image-only pre-training, absent from `pairs/`) and
+    counted, or in `strict` mode fails the run. An image set where no image has a tag is always
+    an error."""
     files = list(files)
+    masks: dict[Path, np.ndarray] = {}
     skipped, first = 0, None
     for f in files:
         if table == "images":
-            ok = has_query(f)
+            ok = masks[f] = has_query(f)
             if not ok.all():
                 skipped += int((~ok).sum())
                 if first is None:
@@ -300,7 +302,7 @@ def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = F
         if skipped == len(ids):
             raise ContractError(data / table, None, "tags", f"none of the {skipped} images has a tag: there is nothing to retrieve for")
         log.warning("%s; %d image(s) without tags are skipped by retrieval (embed.strict=true makes this an error)", first, skipped)
-    return skipped
+    return masks
 
 
 def fingerprint(files: Sequence[Path]) -> list[list[Any]]:
@@ -388,10 +390,11 @@ def embed(
             meta["query"] = cfg.query
         kept = reset_if_stale(out_dir, meta)
         pending = [i for i in range(len(files)) if not (out_dir / shard_name(i)).exists()]
+        masks: dict[Path, np.ndarray] = {}
         if pending:
             # images: always every shard (cheap: the tags column), so "no image has a tag" is judged on all
-            check_inputs(data, table, [files[i] for i in pending] if kept and table == "texts" else files, cfg.strict)
-        plan[table] = {"files": files, "out": out_dir, "pending": pending}
+            masks = check_inputs(data, table, [files[i] for i in pending] if kept and table == "texts" else files, cfg.strict)
+        plan[table] = {"files": files, "out": out_dir, "pending": pending, "has_query": masks}
     todo = {t: p for t, p in plan.items() if p["pending"]}
     if todo:
         _run(todo, cfg, on_shard)
@@ -444,7 +447,7 @@ def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[
         for i in p["pending"]:
             key = (table, p["files"][i].name)
             if table == "images":
-                keep[key] = has_query(p["files"][i])
+                keep[key] = p["has_query"][p["files"][i]]
             where[key] = (i, int(keep[key].sum()) if key in keep else _file_rows(p["files"][i]))
     got: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in where}
     count = dict.fromkeys(where, 0)
