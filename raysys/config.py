@@ -7,6 +7,7 @@ search space can address any field by its dotted path (`objectives.mlm_prob=0.2`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -91,6 +92,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

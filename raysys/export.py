@@ -112,6 +112,7 @@ def load_exported(path: str | os.PathLike):
     d = dict(meta["model_config"])
     # the folder's config.json already holds the trained layer count and dropout
     d.update(model_path=str(path), num_layers=0, dropout=None, objectives=tuple(d.get("objectives", ())))
+    d.setdefault("pooling", "cls")  # exports from before the field pooled on [CLS]
     model = VLModel(ModelConfig(**d), pretrained=True)
     missing, unexpected = model.load_state_dict(load_file(str(path / HEADS_FILE)), strict=False)
     missing = [k for k in missing if not k.startswith("lm.")]

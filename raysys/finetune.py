@@ -180,15 +180,15 @@ def build_task_model(vl, task: str, n_out: int):
 
         def forward(self, batch: dict[str, Any]) -> torch.Tensor:
             text_h, region_h = self.vl.encode(batch)
-            cls = text_h[:, 0]
+            pooled = self.vl.pool(text_h, region_h, batch)
             if self.task == "nlvr2":  # rows 2b, 2b+1 are the same sentence with the left/right image
-                return self.head(cls.reshape(-1, 2 * cls.shape[-1]))
+                return self.head(pooled.reshape(-1, 2 * pooled.shape[-1]))
             if self.task == "refcoco":
                 logits = self.head(region_h).squeeze(-1)
                 return logits.masked_fill(~batch["region_mask"], float("-inf"))
             if self.task == "retrieval":
-                return self.vl.itm_head(cls)
-            return self.head(cls)
+                return self.vl.itm_head(pooled)
+            return self.head(pooled)
 
     return TaskModel()
 

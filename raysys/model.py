@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,32 @@ class ModelConfig:
     num_classes: int = 80  # detector classes for MRC (the manifest's tag_vocab)
     dropout: float | None = None  # None = the checkpoint's hidden/attention dropout
     objectives: tuple[str, ...] = ("mlm", "mrc", "mrfr", "pmrtc", "itm")
+    # What the ITM head (and the fine-tuning heads) read: "cls" = the [CLS] state, "mean" = the
+    # masked mean of every text and region state, "auto" = how the backbone was trained to pool
+    # (its sentence-transformers `1_Pooling/config.json`; "cls" for a plain BERT folder).
+    pooling: str = "auto"
+
+
+POOLINGS = ("auto", "cls", "mean")
+
+
+def resolve_pooling(pooling: str, model_path: str | None) -> str:
+    """"auto" → the backbone's own pooling. Why it matters: the packaged MiniLM was trained with
+    mean pooling, so its [CLS] output is nearly the same vector for every input (std ≈ 0.002 across
+    samples). An ITM head on it gets gradients ~500× smaller than MLM's on the shared encoder, and
+    under AdamW's shared second moments ITM stays at ln 2 while MLM learns (docs/pretraining.md)."""
+    if pooling not in POOLINGS:
+        from raysys.config import ConfigError
+
+        raise ConfigError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling != "auto":
+        return pooling
+    st = Path(resolve_model_path(model_path)) / "1_Pooling" / "config.json"
+    if st.is_file():
+        modes = json.loads(st.read_text())
+        if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token"):
+            return "mean"
+    return "cls"
 
 
 def _bert_overrides(cfg: ModelConfig) -> dict[str, Any]:
@@ -181,6 +207,7 @@ class VLModel(nn.Module):
         super().__init__()
         from raysys.objectives import build_objectives
 
+        cfg = replace(cfg, pooling=resolve_pooling(cfg.pooling, cfg.model_path))  # checkpoints store the resolved one
         self.cfg = cfg
         self.lm = load_backbone(cfg, pretrained=pretrained, bert_config=bert_config)
         bc = self.lm.config
@@ -236,10 +263,19 @@ class VLModel(nn.Module):
             return h[:, R:], h[:, :R]
         return h[:, :T], h[:, T:]
 
+    def pool(self, text_h: torch.Tensor, region_h: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """One vector per sample for the ITM and task heads (`ModelConfig.pooling`)."""
+        if self.cfg.pooling == "cls":
+            return text_h[:, 0]
+        tm = batch["text_mask"].to(text_h.dtype).unsqueeze(-1)
+        rm = batch["region_mask"].to(region_h.dtype).unsqueeze(-1)
+        total = (text_h * tm).sum(1) + (region_h * rm).sum(1)
+        return total / (tm.sum(1) + rm.sum(1)).clamp(min=1.0)
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         text_h, region_h = self.encode(batch)
         out: dict[str, Any] = {"text_hidden": text_h, "region_hidden": region_h}
-        out["itm_logits"] = self.itm_head(text_h[:, 0])
+        out["itm_logits"] = self.itm_head(self.pool(text_h, region_h, batch))
         out["losses"] = {name: self.objectives[name](self, out, batch) for name in batch.get("objectives", ())}
         out["aux_zero"] = self._aux_zero()
         return out
@@ -291,6 +327,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ContractError(path, None, "format", f"not a raysys model checkpoint ({payload.get('format')!r})")
     d = json.loads(payload["model_config"])
     d["objectives"] = tuple(d.get("objectives", ()))
+    d.setdefault("pooling", "cls")  # checkpoints from before the field pooled on [CLS]
     cfg = ModelConfig(**d)
     model = VLModel(cfg, pretrained=False, bert_config=json.loads(payload["bert_config"]))
     model.load_state_dict(payload["state_dict"])

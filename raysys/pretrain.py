@@ -75,6 +75,7 @@ class PretrainConfig:
     model_path: str = ""  # any HF BERT folder; "" = the packaged MiniLM
     model_layers: int = 0  # keep the first N encoder layers (0 = all)
     dropout: float | None = None  # None = the checkpoint's
+    pooling: str = "auto"  # ITM head input: cls | mean | auto (the backbone's own; mean for MiniLM)
     extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
     # optimisation
     batch_size: int = 32
@@ -112,7 +113,7 @@ def pick_device(name: str = "auto") -> torch.device:
 def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> ModelConfig:
     return ModelConfig(
         model_path=cfg.model_path, num_layers=cfg.model_layers, feature_dim=feature_dim,
-        num_classes=num_classes, dropout=cfg.dropout,
+        num_classes=num_classes, dropout=cfg.dropout, pooling=cfg.pooling,
         objectives=objective_names(STANDARD_OBJECTIVES, cfg.extra_objectives),
     )  # fmt: skip
 

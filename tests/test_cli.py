@@ -38,6 +38,12 @@ def test_config_overrides_are_typed():
     with pytest.raises(config.ConfigError, match="expected an integer"):
         config.from_dict(WorldConfig, {"images": "many"})
     assert config.flatten(config.to_dict(cfg))["world.images"] == 10
+    # YAML 1.1 reads `2e-4` (no dot) as a string: a float field still takes it
+    from raysys.pretrain import PretrainConfig
+
+    assert config.from_dict(PretrainConfig, config.apply_overrides({}, ["lr=2e-4"])).lr == 2e-4
+    with pytest.raises(config.ConfigError, match="expected a number"):
+        config.from_dict(PretrainConfig, {"lr": "fast"})
 
 
 def test_yaml_never_executes_code(tmp_path):

@@ -145,3 +145,50 @@ def test_default_backbone_is_packaged_minilm():
     torch.testing.assert_close(
         small.lm.bert.encoder.layer[1].output.dense.weight, m.lm.bert.encoder.layer[1].output.dense.weight
     )
+
+
+def test_pooling_follows_the_backbone(tiny_model, tmp_path):
+    """"auto" reads how the backbone was trained to pool: the packaged MiniLM (a mean-pooling
+    sentence-transformer) → "mean"; a plain BERT folder → "cls"; a bad name is a config error."""
+    from raysys.config import ConfigError
+    from raysys.model import resolve_pooling
+
+    assert resolve_pooling("auto", "") == "mean"
+    assert tiny_model.cfg.pooling == "cls"  # tiny_bert_folder has no 1_Pooling/
+    assert resolve_pooling("cls", "") == "cls"
+    with pytest.raises(ConfigError, match="pooling"):
+        resolve_pooling("max", "")
+    # The MiniLM [CLS] state is (nearly) the same vector whatever the input, which is why ITM
+    # does not read it there: its spread across samples is far below the mean-pooled one's.
+    m = build_model(ModelConfig(feature_dim=8, num_classes=3, num_layers=2, dropout=0.0), seed=0).eval()
+    b = _batch(B=6, seed=1)
+    with torch.no_grad():
+        t, r = m.encode(b)
+    cls_spread = t[:, 0].std(0).mean()
+    mean_spread = m.pool(t, r, b).std(0).mean()
+    assert m.cfg.pooling == "mean" and mean_spread > 5 * cls_spread, (float(cls_spread), float(mean_spread))
+
+
+def test_mean_pooling_ignores_padding(tmp_path):
+    path = tiny_bert_folder(tmp_path / "tiny")
+    m = build_model(ModelConfig(model_path=str(path), feature_dim=8, num_classes=5, dropout=0.0, pooling="mean"), seed=0)
+    b = _batch()
+    t, r = torch.randn(3, 6, m.hidden_size), torch.randn(3, 4, m.hidden_size)
+    pooled = m.pool(t, r, b)
+    tm, rm = b["text_mask"][0], b["region_mask"][0]  # sample 0: 4 of 6 tokens, 4 regions
+    torch.testing.assert_close(pooled[0], torch.cat([t[0][tm], r[0][rm]]).mean(0))
+    t2 = t.clone()
+    t2[0, 4:] = 1e6  # padded tokens
+    torch.testing.assert_close(m.pool(t2, r, b), pooled)
+    # a checkpoint stores the resolved pooling; one from before the field loads as "cls"
+    p = tmp_path / "model.pt"
+    save_checkpoint(p, m, {})
+    assert load_checkpoint(p)[0].cfg.pooling == "mean"
+    payload = torch.load(p, weights_only=True)
+    import json
+
+    mc = json.loads(payload["model_config"])
+    del mc["pooling"]
+    payload["model_config"] = json.dumps(mc)
+    torch.save(payload, p)
+    assert load_checkpoint(p)[0].cfg.pooling == "cls"

@@ -131,19 +131,17 @@ def test_same_seed_same_losses(world_corpus):
     assert a != c
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (issue 5 stays open): I-S's ITM term stays at ln 2 while MLM on the same sentences is "
-    "learning (measured: ITM alone on these 32 pairs falls 0.69 -> 0.07 in 200 steps at lr 2e-4, with the "
-    "paper's L_MLM + L_ITM it only starts to move after ~300 steps; the whole muvla loss at 400 steps: every "
-    "other term fell 80-98 %, ITM 0 %). The budget to overfit ITM under MLM is not found yet",
-)
+@pytest.mark.slow
 def test_overfit_32_samples_every_term_falls_80_percent(world_corpus):
-    """32 demo-world images (k=1: 32 retrieved pairs), 1-layer MiniLM, no dropout: every loss term
-    of R-T, R-P and I-S falls by ≥ 80 % (mean of the first 5 steps vs the last 10)."""
+    """32 demo-world images (k=1: 32 retrieved pairs), 2-layer MiniLM, no dropout: every loss term
+    of R-T, R-P and I-S falls by ≥ 80 % (mean of the first 5 steps vs the last 10).
+
+    ITM is the slow term: it only learns once the pooled vector it reads carries the match (mean
+    pooling for MiniLM, see `model.resolve_pooling`); on [CLS] it stayed at ln 2 for 400 steps.
+    Measured with these values: ITM 0.70 → 0.02, MRC (the next slowest) −93 % after 450 steps."""
     cfg = PretrainConfig(
-        max_images=32, k=1, model_layers=1, dropout=0.0, batch_size=8, lr=0.002, warmup_ratio=0.05,
-        mixing="joint", w_itm=False, log_every=0, max_text_len=32,
+        max_images=32, k=1, model_layers=2, dropout=0.0, batch_size=16, lr=3e-4, warmup_ratio=0.05,
+        mixing="joint", w_itm=False, log_every=0, max_text_len=32, threads=2,
     )  # fmt: skip
     hist = train_local(cfg, world_corpus, steps=OVERFIT_STEPS)["history"]
     keys = ["rt.mlm", "rt.mrc", "rt.mrfr", "rp.mlm", "rp.pmrtc", "is.mlm", "is.itm"]
@@ -156,4 +154,4 @@ def test_overfit_32_samples_every_term_falls_80_percent(world_corpus):
     assert all(d >= 0.8 for d in drops.values()), drops
 
 
-OVERFIT_STEPS = 120
+OVERFIT_STEPS = 400  # ITM passes −80 % near step 250 (docs/pretraining.md)
