@@ -257,9 +257,9 @@ def input_files(data: Path, table: str) -> list[Path]:
     return files
 
 
-def has_query(f: Path) -> np.ndarray:
-    """Per row of an images shard: does the image have at least one non-blank tag (a query)?"""
-    tags = pq.read_table(f, columns=["tags"]).column("tags").combine_chunks()
+def has_query(tags: pa.ChunkedArray) -> np.ndarray:
+    """Per row of an images shard's `tags` column: does the image have a non-blank tag (a query)?"""
+    tags = tags.combine_chunks()
     flat = pc.utf8_trim_whitespace(tags.flatten())
     parent = pc.list_parent_indices(tags).to_numpy()
     ok = np.zeros(len(tags), bool)
@@ -273,27 +273,28 @@ def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = F
     retrieval query: it is skipped (kept for image-only pre-training, absent from `pairs/`) and
     counted, or in `strict` mode fails the run. An image set where no image has a tag is always
     an error."""
-    files = list(files)
     masks: dict[Path, np.ndarray] = {}
+    id_columns: list[pa.ChunkedArray] = []
     skipped, first = 0, None
     for f in files:
+        t = pq.read_table(f, columns=[ID_COLUMN[table], "tags" if table == "images" else "text"])
+        id_columns.append(t.column(0))
         if table == "images":
-            ok = masks[f] = has_query(f)
+            ok = masks[f] = has_query(t.column("tags"))
             if not ok.all():
                 skipped += int((~ok).sum())
                 if first is None:
                     row = int(np.argmin(ok))
-                    iid = pq.read_table(f, columns=["image_id"]).column(0)[row].as_py()
+                    iid = t.column(0)[row].as_py()
                     first = ContractError(f, row, "tags", f"image {iid!r} has no tags: its retrieval query would be empty")
                 if strict:
                     raise first
         else:
-            t = pq.read_table(f, columns=["text_id", "text"])
             text = t.column("text")
             blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), True).to_numpy(zero_copy_only=False)
             if blank.any():
                 raise ContractError(f, int(np.argmax(blank)), "text", "empty text")
-    ids = pa.chunked_array([pq.read_table(f, columns=[ID_COLUMN[table]]).column(0) for f in files])
+    ids = pa.chunked_array(id_columns)
     if pc.count_distinct(ids).as_py() != len(ids):
         vc = pc.value_counts(ids)
         dup = vc.field("values")[int(np.argmax(vc.field("counts").to_numpy()))].as_py()
