@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,8 +187,6 @@ def test_mean_pooling_ignores_padding(tmp_path):
     save_checkpoint(p, m, {})
     assert load_checkpoint(p)[0].cfg.pooling == "mean"
     payload = torch.load(p, weights_only=True)
-    import json
-
     mc = json.loads(payload["model_config"])
     del mc["pooling"]
     payload["model_config"] = json.dumps(mc)
