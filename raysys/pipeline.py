@@ -34,7 +34,7 @@ class PipelineConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
-    pretrain: TrainConfig = field(default_factory=demo_config)  # brief: 2 workers, 2 × 20 steps
+    pretrain: TrainConfig = field(default_factory=demo_config)  # brief: 2 workers, 2 × 75 joint steps
     zeroshot: ZeroShotConfig = field(default_factory=demo_zeroshot_config)  # pre-trained vs base, gold eval pairs
 
 

@@ -4,7 +4,7 @@ The pieces are separate so that the Ray Train loop (distributed issue) reuses th
 
     cfg = config.load(PretrainConfig, path, overrides)
     setup = prepare(cfg, data_dir, rank, world_size)       # tokenizer, shard corpus, streams, recipe
-    model = build_model(setup.model_config, seed=cfg.seed)  # then prepare_model / DDP
+    model = build_pretrain_model(cfg, setup)  # then prepare_model / DDP
     mixer = make_mixer(..., batches_per_epoch=<same on every rank>)
     step_fn = make_step(cfg, setup.recipe)
     for step in ...:
@@ -76,7 +76,11 @@ class PretrainConfig:
     model_layers: int = 0  # keep the first N encoder layers (0 = all)
     dropout: float | None = None  # None = the checkpoint's
     pooling: str = "auto"  # ITM head input: cls | mean | auto (the backbone's own; mean for MiniLM)
+    region_init: str = "random"  # random (paper) | tags: ridge map from region features to tag words (raysys.region_init)
+    region_init_ridge: float = 1.0  # λ of that ridge regression
+    region_init_max_regions: int = 50000  # seeded sample of tagged regions the fit reads (0 = all)
     extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
+    loss_weights: dict[str, float] = field(default_factory=dict)  # objective → factor on its loss (absent = 1)
     # optimisation
     batch_size: int = 32
     lr: float = 6e-5  # paper's peak
@@ -118,13 +122,41 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> Mod
     )  # fmt: skip
 
 
+def check_options(cfg: PretrainConfig) -> None:
+    """Fail on the fields no later stage would catch before the first step."""
+    from raysys.config import ConfigError
+    from raysys.region_init import REGION_INITS
+
+    if cfg.region_init not in REGION_INITS:
+        raise ConfigError(f"region_init: {cfg.region_init!r} is not one of {list(REGION_INITS)}")
+    known = objective_names(STANDARD_OBJECTIVES, cfg.extra_objectives)
+    for name, w in cfg.loss_weights.items():
+        if name not in known:
+            raise ConfigError(f"loss_weights.{name}: not an objective of this model; known: {list(known)}")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ConfigError(f"loss_weights.{name}: {w!r} must be a finite number ≥ 0")
+
+
 def prepare(cfg: PretrainConfig, data: str | Path, rank: int = 0, world_size: int = 1) -> Setup:
     """Resolve the recipe and load this rank's shard of the data, tokenizer and streams."""
+    check_options(cfg)
     recipe = resolve(cfg)
     tok = load_tokenizer(cfg.model_path)
     corpus = load_corpus(data, cfg, corpus_needs(list(recipe.granularities), recipe.options), rank, world_size)
     streams = build_streams(corpus, list(recipe.granularities), tok, cfg, rank)
     return Setup(recipe, tok, corpus, streams, model_config(cfg, corpus.feature_dim, corpus.num_classes))
+
+
+def build_pretrain_model(cfg: PretrainConfig, setup: Setup) -> VLModel:
+    """A fresh model for pre-training: `build_model`, then the `region_init` of the visual
+    projection (only when the recipe trains; `base` stays the untouched model)."""
+    model = build_model(setup.model_config, seed=cfg.seed)
+    if cfg.region_init == "tags" and setup.recipe.update:
+        from raysys.region_init import init_region_projection
+
+        init_region_projection(model, setup.corpus, setup.tokenizer, cfg.region_init_ridge,
+                               cfg.region_init_max_regions, cfg.seed)  # fmt: skip
+    return model
 
 
 # ---------------------------------------------------------------- the step
@@ -165,7 +197,8 @@ def make_step(cfg: PretrainConfig, recipe: Recipe):
             out = model(batch)
             part = out["aux_zero"]
             for name, res in out["losses"].items():
-                part = part + reduce_term(res, weights)
+                term = reduce_term(res, weights)
+                part = part + (term * cfg.loss_weights[name] if name in cfg.loss_weights else term)
                 if bool(res.valid.any()):
                     names.append(f"{g}.{name}")
                     values.append(reduce_term(res).detach())
@@ -215,7 +248,7 @@ def train_local(
     np.random.seed(cfg.seed)
     setup = prepare(cfg, data)
     recipe = setup.recipe
-    model: VLModel = build_model(setup.model_config, seed=cfg.seed).to(device)
+    model: VLModel = build_pretrain_model(cfg, setup).to(device)
     model.train()
     names = list(recipe.granularities)
     mixer = make_mixer(recipe.mixing, names, {g: len(s) for g, s in setup.streams.items()}, cfg.seed)

@@ -332,6 +332,23 @@ def test_curriculum_loss_and_no_grad_through_weight(tiny_data, tiny_bert):
     assert "is.w_itm" not in c_off
 
 
+def test_loss_weights_scale_only_their_term(tiny_data, tiny_bert):
+    """`loss_weights.itm=3` adds twice the ITM term to the loss; the components stay unweighted."""
+    cfg = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, batch_size=8)
+    setup = prepare(cfg, tiny_data)
+    from raysys.model import build_model
+
+    model = build_model(setup.model_config, seed=0).eval()
+    batch = setup.streams["is"].batch(0)
+    heavy = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, batch_size=8, loss_weights={"itm": 3.0, "mrc": 0.0})
+    with torch.no_grad():
+        l1, c1 = make_step(cfg, setup.recipe)(model, batch, epoch=0)
+        l3, c3 = make_step(heavy, setup.recipe)(model, batch, epoch=0)
+    assert {k: v for k, v in c1.items() if k != "loss"} == {k: v for k, v in c3.items() if k != "loss"}
+    assert c1["is.itm"] > 0 and c3["loss"] == pytest.approx(float(l3))
+    assert float(l3 - l1) == pytest.approx(2.0 * c1["is.itm"], rel=1e-5)
+
+
 # ---------------------------------------------------------------- mixers, streams, registries
 
 
