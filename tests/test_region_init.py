@@ -30,16 +30,22 @@ def rt_setup(small_world):
     return cfg, prepare(cfg, small_world)
 
 
-def test_tag_init_puts_regions_next_to_their_tag_words(rt_setup):
+def test_tag_init_puts_unseen_regions_next_to_their_tag_words(rt_setup, small_world):
+    """Fitted on the pre-training images, judged on the eval images' regions (never in the fit)."""
+    from raysys.downstream import load_images
+    from raysys.zeroshot import ZeroShotConfig, eval_set
+
     cfg, setup = rt_setup
-    n_tags = len(set(setup.corpus.tags))
+    held = load_images(small_world, eval_set(small_world, ZeroShotConfig()).image_ids, cfg.max_regions)
+    assert not set(held.image_ids) & set(setup.corpus.image_ids)
+    n_tags = len(set(held.tags))
     random_model = build_pretrain_model(PretrainConfig(**{**cfg.__dict__, "region_init": "random"}), setup)
     tagged = build_pretrain_model(cfg, setup)
-    random_acc = _nearest_tag_accuracy(random_model, setup.corpus, setup.tokenizer)
-    tag_acc = _nearest_tag_accuracy(tagged, setup.corpus, setup.tokenizer)
-    # 80 classes (chance 1/80); the world's confounders and 15 % detector errors cap a linear map
-    assert random_acc < 5 / n_tags
-    assert tag_acc > 0.5, (tag_acc, random_acc)
+    random_acc = _nearest_tag_accuracy(random_model, held, setup.tokenizer)
+    tag_acc = _nearest_tag_accuracy(tagged, held, setup.tokenizer)
+    # ~60 tags among the held-out regions; 59 % measured (confounders and 15 % detector errors cap it)
+    assert random_acc < 5 / n_tags, (random_acc, n_tags)
+    assert tag_acc > 0.35, (tag_acc, random_acc)
     # only the visual projection changes; the same seed gives the same weights
     again = build_pretrain_model(cfg, setup)
     for (name, a), (_, b), (_, r) in zip(tagged.named_parameters(), again.named_parameters(),
