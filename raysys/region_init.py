@@ -24,7 +24,6 @@ projection (the ablation).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +70,7 @@ def fit_tag_projection(features: np.ndarray, which: np.ndarray, targets: np.ndar
 
 
 def init_region_projection(model, corpus, tokenizer, ridge: float = 1.0, max_regions: int = 50000,
-                           seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                           seed: int = 0) -> None:  # fmt: skip
     """Overwrite `model.region_embedding.feature` with the tag-anchored ridge map (in place).
 
     In a DDP run every rank fits on its own shard and DistributedDataParallel then broadcasts
@@ -83,10 +82,5 @@ def init_region_projection(model, corpus, tokenizer, ridge: float = 1.0, max_reg
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(W.T).to(lin.weight))
         lin.bias.copy_(torch.from_numpy(b).to(lin.bias))
-    n_tagged = int((which >= 0).sum())
-    info = {"region_init": "tags", "region_init_r2": round(r2, 4),
-            "region_init_regions": min(n_tagged, max_regions) if max_regions else n_tagged,
-            "region_init_tags": int(targets.shape[0])}  # fmt: skip
-    log.info("region_init=tags: ridge fit on %d regions (%d tags), R² %.3f", info["region_init_regions"],
-             info["region_init_tags"], r2)  # fmt: skip
-    return info
+    log.info("region_init=tags: ridge fit on %d tagged regions (at most %d sampled), %d tags, R² %.3f",
+             int((which >= 0).sum()), max_regions, targets.shape[0], r2)  # fmt: skip

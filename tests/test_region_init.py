@@ -67,9 +67,9 @@ def test_ridge_fit_recovers_a_linear_map_and_samples_deterministically():
     np.testing.assert_allclose(b_fit, c, atol=1e-6)
     assert r2 == pytest.approx(1.0, abs=1e-9)
     a = fit_tag_projection(X, which, targets + rng.normal(size=targets.shape), 1.0, max_regions=100, seed=3)
-    b = fit_tag_projection(X, which, targets + 0, 1.0, max_regions=100, seed=3)
-    d = fit_tag_projection(X, which, targets + 0, 1.0, max_regions=100, seed=3)
-    e = fit_tag_projection(X, which, targets + 0, 1.0, max_regions=100, seed=4)
+    b = fit_tag_projection(X, which, targets, 1.0, max_regions=100, seed=3)
+    d = fit_tag_projection(X, which, targets, 1.0, max_regions=100, seed=3)
+    e = fit_tag_projection(X, which, targets, 1.0, max_regions=100, seed=4)
     np.testing.assert_array_equal(b[0], d[0])
     assert not np.array_equal(b[0], e[0]) and not np.array_equal(a[0], b[0])
     with pytest.raises(ValueError, match="no region of this corpus carries a tag"):
