@@ -26,18 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from raysys.env import apply_offline_env
+
 log = logging.getLogger("raysys.jobs")
 
-#: The offline / quiet environment every job runs with (same values as `raysys.cli.offline_env`,
-#: repeated here so `--help` needs no raysys import). Set only where the caller has not chosen.
-JOB_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-}
 
 
 class JobError(RuntimeError):
@@ -71,8 +63,7 @@ def parser(prog: str, description: str, *, out_help: str) -> argparse.ArgumentPa
 
 
 def setup(args: argparse.Namespace) -> None:
-    for k, v in JOB_ENV.items():
-        os.environ.setdefault(k, v)
+    apply_offline_env()
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -207,18 +198,18 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 
 def pipeline_stages(names: list[str]) -> dict[str, Callable]:
-    """The named stage functions of `raysys.pipeline.STAGES`, or a JobError naming the missing ones."""
-    from raysys import pipeline
+    """The named stage functions of `raysys.experiments.pipeline.STAGES`, or a JobError naming the missing ones."""
+    from raysys.experiments import pipeline
 
     stages = dict(pipeline.STAGES)
     missing = [n for n in names if n not in stages]
     if missing:
-        raise JobError(f"stage(s) {missing} are not in raysys.pipeline.STAGES yet (it has {list(stages)})")
+        raise JobError(f"stage(s) {missing} are not in raysys.experiments.pipeline.STAGES yet (it has {list(stages)})")
     return {n: stages[n] for n in names}
 
 
 def run_stages(cfg: Any, out: Path, names: list[str]) -> dict[str, Any]:
-    """Run some of `raysys.pipeline.STAGES` by name on `out/data`, like `run_pipeline` does.
+    """Run some of `raysys.experiments.pipeline.STAGES` by name on `out/data`, like `run_pipeline` does.
 
     The summary is read from `out/summary.json` first and rewritten after every stage, so running
     the stage jobs one after another on the same OUT builds the same summary.json as
@@ -243,7 +234,7 @@ def run_stages(cfg: Any, out: Path, names: list[str]) -> dict[str, Any]:
 def stage_job(args: argparse.Namespace, stages: list[str]) -> dict[str, Any] | None:
     """The body of every job that runs pipeline stages: pipeline config -> Ray -> `run_stages`."""
     from raysys import config
-    from raysys.pipeline import PipelineConfig
+    from raysys.experiments.pipeline import PipelineConfig
 
     cfg = config.load(PipelineConfig, args.config, args.overrides)
     if args.dry_run:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-STAGES = ["zeroshot", "report"]  # names in raysys.pipeline.STAGES
+STAGES = ["zeroshot", "report"]  # names in raysys.experiments.pipeline.STAGES
 
 
 def run(args: argparse.Namespace) -> dict | None:

@@ -1,4 +1,4 @@
-"""Real images -> regions as a Ray job: `raysys.featurize.featurize` writes OUT/data/images/.
+"""Real images -> regions as a Ray job: `raysys.data.featurize.featurize` writes OUT/data/images/.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env jobs/runtime_env.yaml -- \
@@ -6,7 +6,7 @@
             --images /mnt/shared/photos --out /mnt/shared/raysys/photos max_regions=36
 
 A Ray Data pipeline (read -> decode -> detect -> region features -> Parquet shards) configured by
-the `featurize:` section of the config, or its top level (raysys.featurize.FeaturizeConfig:
+the `featurize:` section of the config, or its top level (raysys.data.featurize.FeaturizeConfig:
 backend, max_regions, min_score, ...; overrides are relative to that section, as for `raysys
 featurize`). The photos must be readable from every node (a shared mount). Restartable: finished
 shards are skipped. Add texts with `raysys import texts ... --out OUT/data` before jobs/retrieve.py.
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 # The library entry this job wraps (issue 3). Change here if the module names it differently.
-MODULE, CONFIG, FUNCTION = "raysys.featurize", "FeaturizeConfig", "featurize"
-WHAT = "the featurize stage (raysys.featurize.featurize(cfg, images, out) -> report)"
+MODULE, CONFIG, FUNCTION = "raysys.data.featurize", "FeaturizeConfig", "featurize"
+WHAT = "the featurize stage (raysys.data.featurize.featurize(cfg, images, out) -> report)"
 
 
 def run(args: argparse.Namespace) -> dict | None:

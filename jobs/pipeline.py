@@ -1,4 +1,4 @@
-"""The whole demo pipeline as a Ray job: `raysys.pipeline.run_pipeline(cfg, out)`.
+"""The whole demo pipeline as a Ray job: `raysys.experiments.pipeline.run_pipeline(cfg, out)`.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env jobs/runtime_env.yaml -- \
@@ -20,7 +20,7 @@ import _common  # noqa: E402
 
 def run(args: argparse.Namespace) -> dict | None:
     from raysys import config
-    from raysys.pipeline import PipelineConfig, run_pipeline
+    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
 
     cfg = config.load(PipelineConfig, args.config, args.overrides)
     if args.dry_run:

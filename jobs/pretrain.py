@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-STAGES = ["pretrain"]  # names in raysys.pipeline.STAGES
+STAGES = ["pretrain"]  # names in raysys.experiments.pipeline.STAGES
 
 
 def run(args: argparse.Namespace) -> dict | None:

@@ -1,4 +1,4 @@
-"""Ablation sweep as a Ray job: `raysys.sweep.run_sweep` (Ray Tune over pre-train + zero-shot).
+"""Ablation sweep as a Ray job: `raysys.experiments.sweep.run_sweep` (Ray Tune over pre-train + zero-shot).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env jobs/runtime_env.yaml -- \
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 # The library entry this job wraps (issue 8). Change here if the module names it differently.
-MODULE, CONFIG, FUNCTION = "raysys.sweep", "SweepConfig", "run_sweep"
-WHAT = "the sweep (raysys.sweep.run_sweep(cfg, out) -> result)"
+MODULE, CONFIG, FUNCTION = "raysys.experiments.sweep", "SweepConfig", "run_sweep"
+WHAT = "the sweep (raysys.experiments.sweep.run_sweep(cfg, out) -> result)"
 
 
 def run(args: argparse.Namespace) -> dict | None:

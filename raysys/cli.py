@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from raysys.config import ConfigError
 from raysys.contract import ContractError
+from raysys.env import apply_offline_env
+from raysys.plugins import load_plugins
 
 # Order = order in `raysys --help`.
 COMMAND_MODULES = [
@@ -30,18 +31,6 @@ COMMAND_MODULES = [
 ]
 
 
-def offline_env() -> None:
-    """Models come from installed packages only: never let a library reach for a hub."""
-    for k, v in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }.items():
-        os.environ.setdefault(k, v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a vision-and-language transformer from unpaired image and text corpora, on Ray.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+        help="import a module (or a .py file) that registers an objective, task or index backend; "
+        "repeatable; also read from RAYSYS_PLUGINS (raysys.plugins)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -58,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    offline_env()
+    apply_offline_env()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -66,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        load_plugins(args.plugin)
         rc = args.func(args)
     except (ContractError, ConfigError) as e:
         print(f"raysys: error: {e}", file=sys.stderr)

@@ -38,7 +38,7 @@ def retrieved_world(small_world: Path, tmp_path_factory) -> tuple[Path, dict]:
     """(data dir, retrieval report) of the resharded session world, retrieved at K=5 on 3 shards."""
     key = str(small_world)
     if key not in _CACHE:
-        from raysys.retrieval import RetrievalConfig, retrieve
+        from raysys.corpus.retrieval import RetrievalConfig, retrieve
 
         data = reshard(small_world, tmp_path_factory.mktemp("retrieved") / "data")
         _CACHE[key] = (data, retrieve(data, RetrievalConfig(**CONFIG)))

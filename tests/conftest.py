@@ -8,21 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from raysys.env import apply_offline_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYSYS_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
 
-for k, v in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-}.items():
-    os.environ.setdefault(k, v)
+apply_offline_env()
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +44,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A 200-image demo world with 2048-d features, built once per run."""
-    from raysys.world import WorldConfig, write_world
+    from raysys.data.world import WorldConfig, write_world
 
     out = tmp_path_factory.mktemp("world") / "data"
     write_world(WorldConfig(images=200, seed=7), out)

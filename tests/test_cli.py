@@ -12,8 +12,8 @@ import yaml
 
 from raysys import config
 from raysys.cli import build_parser
-from raysys.pipeline import PipelineConfig
-from raysys.world import WorldConfig
+from raysys.data.world import WorldConfig
+from raysys.experiments.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_config_overrides_are_typed():
         config.from_dict(WorldConfig, {"images": "many"})
     assert config.flatten(config.to_dict(cfg))["world.images"] == 10
     # YAML 1.1 reads `2e-4` (no dot) as a string: a float field still takes it
-    from raysys.pretrain import PretrainConfig
+    from raysys.pretrain.loop import PretrainConfig
 
     assert config.from_dict(PretrainConfig, config.apply_overrides({}, ["lr=2e-4"])).lr == 2e-4
     with pytest.raises(config.ConfigError, match="expected a number"):

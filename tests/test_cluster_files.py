@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raysys.env import CLUSTER_ENV_KEYS, OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 ENTRYPOINTS = ["featurize", "retrieve", "pretrain", "evaluate", "sweep", "pipeline"]
@@ -205,9 +207,8 @@ def test_runtime_envs_are_valid_for_ray(name):
 
     env = load(JOBS / name)
     RuntimeEnv(**env)  # Ray's own validation of every field
-    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert env["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
-    assert env["env_vars"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    for key in CLUSTER_ENV_KEYS:  # the one definition of the offline environment, raysys.env
+        assert env["env_vars"][key] == OFFLINE_ENV[key], key
 
 
 def test_default_runtime_env_has_no_environment_building():
@@ -231,7 +232,7 @@ def test_working_dir_upload_is_small(tmp_path):
     size_mb = pkg.stat().st_size / 2**20
     print(f"working_dir package: {size_mb:.2f} MB, {len(names)} entries")
     assert size_mb < 10
-    for needed in ("jobs/pipeline.py", "jobs/_common.py", "configs/demo.yaml", "raysys/pipeline.py"):
+    for needed in ("jobs/pipeline.py", "jobs/_common.py", "configs/demo.yaml", "raysys/experiments/pipeline.py"):
         assert needed in names, needed
     assert not [n for n in names if n.startswith((".venv/", ".git/", "demo_out/")) or "__pycache__" in n]
 
@@ -256,7 +257,7 @@ def test_pipeline_job_resolves_the_same_config_as_raysys_demo():
     """`jobs/pipeline.py --config configs/demo.yaml` and `raysys demo` (its built-in defaults) run
     the same pipeline config, so they write the same summary.json."""
     from raysys import config
-    from raysys.pipeline import PipelineConfig
+    from raysys.experiments.pipeline import PipelineConfig
 
     assert config.to_dict(config.load(PipelineConfig, ROOT / "configs" / "demo.yaml")) == config.to_dict(
         PipelineConfig()
@@ -281,8 +282,8 @@ def test_missing_parts_fail_with_a_clear_message():
     with pytest.raises(c.JobError, match=r"module raysys\.no_such_stage does not exist"):
         c.require("raysys.no_such_stage", "run", "the imaginary stage")
     with pytest.raises(c.JobError, match=r"has no `no_such_function`"):
-        c.require("raysys.pipeline", "no_such_function", "the imaginary stage")
-    with pytest.raises(c.JobError, match=r"\['no_such_stage'\] are not in raysys\.pipeline\.STAGES"):
+        c.require("raysys.experiments.pipeline", "no_such_function", "the imaginary stage")
+    with pytest.raises(c.JobError, match=r"\['no_such_stage'\] are not in raysys\.experiments\.pipeline\.STAGES"):
         c.pipeline_stages(["world", "no_such_stage"])
 
 

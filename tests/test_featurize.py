@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from raysys import detectors
 from raysys.config import ConfigError
 from raysys.contract import ContractError, read_manifest, read_table, region_arrays, validate_dataset
-from raysys.detectors import Detections, roi_align
-from raysys.featurize import BadImage, FeaturizeConfig, decode_image, featurize
+from raysys.data import detectors
+from raysys.data.detectors import Detections, roi_align
+from raysys.data.featurize import BadImage, FeaturizeConfig, decode_image, featurize
 
 DOG = "1001773457_577c3a7d70.jpg"  # two dogs; YOLOv3-tiny finds at least one
 PERSON = "1000268201_693b08cb0e.jpg"  # a girl on stairs
@@ -367,10 +367,10 @@ def test_strict_mode_fails_on_the_first_bad_file(mixed_folder, tmp_path):
 def test_bench_featurize_prints_json_last(ray_session, shared_data, capsys):
     import argparse
 
-    from raysys import bench_featurize
+    from raysys.bench import featurize as bench_featurize
     from raysys.commands.bench import BENCHES, _run
 
-    assert BENCHES["featurize"] == "raysys.bench_featurize"
+    assert BENCHES["featurize"] == "raysys.bench.featurize"
     parser = argparse.ArgumentParser()
     bench_featurize.add_arguments(parser)
     fl = shared_data / "flickr8k"

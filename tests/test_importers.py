@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raysys.contract import read_manifest, read_table, region_arrays, validate_dataset
-from raysys.importers import LXMERT_FIELDS, import_lxmert_tsv, import_texts, import_vinvl_tsv, read_vocab
+from raysys.data.importers import LXMERT_FIELDS, import_lxmert_tsv, import_texts, import_vinvl_tsv, read_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 

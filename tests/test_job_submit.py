@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from raysys.env import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEMO_MARGIN_T2I_R5 = 10.0  # points; stated in README.md ("What the demo shows")
@@ -86,10 +88,7 @@ class OwnCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+            **OFFLINE_ENV,
         }
         self.start_cmd = [
             str(RAY), "start", "--head", "--block",
@@ -201,7 +200,7 @@ def own_cluster():
 
 def test_pipeline_job_submitted_to_a_loopback_cluster(own_cluster, tmp_path):
     from raysys import config
-    from raysys.pipeline import STAGES, PipelineConfig
+    from raysys.experiments.pipeline import STAGES, PipelineConfig
 
     out = tmp_path / "run"
     overrides = os.environ.get("RAYSYS_JOB_TEST_OVERRIDES", "").split()

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from raysys.metrics import (
+from raysys.evaluate.metrics import (
     gold_ranks,
     iou,
     meta_average,

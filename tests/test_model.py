@@ -9,7 +9,13 @@ import pytest
 import torch
 from _pretrain_fixtures import tiny_bert_folder
 
-from raysys.model import ModelConfig, build_model, load_checkpoint, location_features, save_checkpoint
+from raysys.pretrain.model import (
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    location_features,
+    save_checkpoint,
+)
 
 
 def test_location_features_hand_computed():
@@ -153,7 +159,7 @@ def test_pooling_follows_the_backbone(tiny_model, tmp_path):
     """"auto" reads how the backbone was trained to pool: the packaged MiniLM (a mean-pooling
     sentence-transformer) → "mean"; a plain BERT folder → "cls"; a bad name is a config error."""
     from raysys.config import ConfigError
-    from raysys.model import resolve_pooling
+    from raysys.pretrain.model import resolve_pooling
 
     assert resolve_pooling("auto", "") == "mean"
     assert tiny_model.cfg.pooling == "cls"  # tiny_bert_folder has no 1_Pooling/

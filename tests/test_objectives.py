@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
 from raysys.config import ConfigError
-from raysys.curriculum import MIXERS, itm_match_weights, make_mixer, reduce_term
-from raysys.granularity import (
+from raysys.pretrain.curriculum import MIXERS, itm_match_weights, make_mixer, reduce_term
+from raysys.pretrain.granularities import (
     Corpus,
     GranularityStream,
     ImageSentenceDataset,
@@ -27,10 +27,10 @@ from raysys.granularity import (
     load_corpus,
     tokens_in_span,
 )
-from raysys.model import load_tokenizer
-from raysys.objectives import IGNORE, OBJECTIVES, Objective, ObjectiveOutput, register
-from raysys.pretrain import PretrainConfig, make_step, model_config, prepare
-from raysys.recipes import RECIPES, resolve
+from raysys.pretrain.loop import PretrainConfig, make_step, model_config, prepare
+from raysys.pretrain.model import load_tokenizer
+from raysys.pretrain.objectives import IGNORE, OBJECTIVES, Objective, ObjectiveOutput, register
+from raysys.pretrain.recipes import RECIPES, resolve
 
 N = 10_000  # samples per masking statistic
 
@@ -230,7 +230,7 @@ def test_truncated_phrase_is_not_used(tok):
 def test_objective_losses_by_hand(tiny_data, tiny_bert, tok):
     cfg = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, granularities=["rt", "rp", "is"])
     setup = prepare(cfg, tiny_data)
-    from raysys.model import build_model
+    from raysys.pretrain.model import build_model
 
     model = build_model(setup.model_config, seed=0).eval()
     batch = setup.streams["rt"].batch(0)
@@ -295,8 +295,8 @@ def test_curriculum_loss_and_no_grad_through_weight(tiny_data, tiny_bert):
     probability (negatives 1), R-T unweighted; the ITM head gets no gradient from the weighting."""
     cfg = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, m=1, batch_size=8)
     setup = prepare(cfg, tiny_data)
-    from raysys.model import build_model
-    from raysys.pretrain import match_weights
+    from raysys.pretrain.loop import match_weights
+    from raysys.pretrain.model import build_model
 
     model = build_model(setup.model_config, seed=0)
     model.train()
@@ -336,7 +336,7 @@ def test_loss_weights_scale_only_their_term(tiny_data, tiny_bert):
     """`loss_weights.itm=3` adds twice the ITM term to the loss; the components stay unweighted."""
     cfg = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, batch_size=8)
     setup = prepare(cfg, tiny_data)
-    from raysys.model import build_model
+    from raysys.pretrain.model import build_model
 
     model = build_model(setup.model_config, seed=0).eval()
     batch = setup.streams["is"].batch(0)
@@ -445,7 +445,7 @@ def test_objective_registry_plugs_in(tiny_data, tiny_bert):
         cfg = PretrainConfig(model_path=str(tiny_bert), extra_objectives=["test_cls_norm"])
         setup = prepare(cfg, tiny_data)
         assert "test_cls_norm" in model_config(cfg, 16, 6).objectives
-        from raysys.model import build_model
+        from raysys.pretrain.model import build_model
 
         model = build_model(setup.model_config, seed=0)
         batch = {**setup.streams["rt"].batch(0), "objectives": ("mlm", "test_cls_norm")}

@@ -15,8 +15,8 @@ from raysys.contract import (
     read_table,
     shard_files,
 )
-from raysys.embedding import normalise_tag
-from raysys.phrases import PhrasesConfig, extract_phrases, noun_chunks
+from raysys.corpus.embedding import normalise_tag
+from raysys.corpus.phrases import PhrasesConfig, extract_phrases, noun_chunks
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_phrases_spans_links_and_tokenizer_offsets(phrased):
     # the pre-training tokenizer maps the character span to the phrase's sub-word tokens
     from transformers import AutoTokenizer
 
-    from raysys.embedding import resolve_model
+    from raysys.corpus.embedding import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model(""))
     for r in rows[:50]:

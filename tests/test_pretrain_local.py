@@ -23,7 +23,7 @@ from _pretrain_fixtures import copy_world_with_stand_ins
 
 from raysys.cli import main
 from raysys.contract import shard_files
-from raysys.pretrain import PretrainConfig, train_local
+from raysys.pretrain.loop import PretrainConfig, train_local
 
 FAST = ["model_layers=1", "batch_size=8", "log_every=5", "max_text_len=32"]
 
@@ -37,15 +37,15 @@ def world_corpus(small_world, tmp_path_factory):
 @pytest.mark.slow
 def test_real_stages_then_pretrain(small_world, ray_session, tmp_path, capsys):
     """The real retrieval and phrase stages feed pre-training: R-P has linked phrases to mask."""
-    from raysys.phrases import PhrasesConfig, extract_phrases
-    from raysys.retrieval import RetrievalConfig, retrieve
+    from raysys.corpus.phrases import PhrasesConfig, extract_phrases
+    from raysys.corpus.retrieval import RetrievalConfig, retrieve
 
     dest = tmp_path / "data"
     shutil.copytree(small_world, dest)
     retrieve(dest, RetrievalConfig(k=5, shards=1))
     extract_phrases(dest, PhrasesConfig())
     assert shard_files(dest, "pairs") and shard_files(dest, "phrases")
-    from raysys.granularity import load_corpus
+    from raysys.pretrain.granularities import load_corpus
 
     corpus = load_corpus(dest, PretrainConfig(k=5), {"pairs", "phrases"})
     assert sum(1 for links in corpus.links if links) > 0.5 * len(corpus.links)
@@ -78,7 +78,7 @@ def test_every_recipe_runs_20_steps_from_the_cli(recipe, world_corpus, capsys, c
         args += ["--recipe", recipe, *FAST]
     if recipe == "paired_ratio":
         args += ["paired_ratio=0.4"]
-    with caplog.at_level(logging.INFO, logger="raysys.pretrain"):
+    with caplog.at_level(logging.INFO, logger="raysys.pretrain.loop"):
         res = _cli_json(args, capsys)
     assert res["recipe"] == ("muvla" if recipe == "rt+is" else recipe)
     assert res["steps"] == 20 and res["updates"] == (0 if recipe == "base" else 20)
@@ -108,7 +108,7 @@ def test_console_script_writes_a_weights_only_checkpoint(world_corpus, tmp_path)
     assert len(hist.read_text().splitlines()) == 3
     payload = torch.load(out / "model.pt", weights_only=True)
     assert "state_dict" in payload
-    from raysys.model import load_checkpoint
+    from raysys.pretrain.model import load_checkpoint
 
     model, extra = load_checkpoint(out / "model.pt")
     assert extra["recipe"] == "muvla" and len(model.lm.bert.encoder.layer) == 1

@@ -1,4 +1,4 @@
-"""`region_init=tags`: the ridge map from region features to tag word embeddings (raysys.region_init)."""
+"""`region_init=tags`: the ridge map from region features to tag word embeddings (raysys.pretrain.region_init)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from raysys.config import ConfigError
-from raysys.pretrain import PretrainConfig, build_pretrain_model, prepare
-from raysys.region_init import fit_tag_projection, tag_targets
+from raysys.pretrain.loop import PretrainConfig, build_pretrain_model, prepare
+from raysys.pretrain.region_init import fit_tag_projection, tag_targets
 
 
 def _nearest_tag_accuracy(model, corpus, tokenizer) -> float:
@@ -32,8 +32,8 @@ def rt_setup(small_world):
 
 def test_tag_init_puts_unseen_regions_next_to_their_tag_words(rt_setup, small_world):
     """Fitted on the pre-training images, judged on the eval images' regions (never in the fit)."""
-    from raysys.downstream import load_images
-    from raysys.zeroshot import ZeroShotConfig, eval_set
+    from raysys.evaluate.downstream import load_images
+    from raysys.evaluate.zeroshot import ZeroShotConfig, eval_set
 
     cfg, setup = rt_setup
     held = load_images(small_world, eval_set(small_world, ZeroShotConfig()).image_ids, cfg.max_regions)

@@ -28,8 +28,15 @@ from raysys.contract import (
     shard_name,
     write_parquet_atomic,
 )
-from raysys.embedding import EmbedConfig, distinct_tags, query_string
-from raysys.retrieval import RetrievalConfig, ShardIndex, merge_topk, read_pairs, retrieve, shard_ranges
+from raysys.corpus.embedding import EmbedConfig, distinct_tags, query_string
+from raysys.corpus.retrieval import (
+    RetrievalConfig,
+    ShardIndex,
+    merge_topk,
+    read_pairs,
+    retrieve,
+    shard_ranges,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +134,7 @@ def test_approximate_factories_train_on_a_sample_and_find_neighbours(factory):
 
 def test_bad_index_string_is_a_config_error():
     from raysys.config import ConfigError
-    from raysys.retrieval import check_factory
+    from raysys.corpus.retrieval import check_factory
 
     with pytest.raises(ConfigError, match="not a FAISS index_factory string"):
         check_factory("NoSuchIndex", 8, 1000)
@@ -137,7 +144,7 @@ def test_bad_index_string_is_a_config_error():
 
 
 def test_tag_coverage_matches_words_and_plurals():
-    from raysys.diagnostics import chance_recall, tag_coverage
+    from raysys.corpus.diagnostics import chance_recall, tag_coverage
 
     assert tag_coverage(["dog", "person", "traffic light", "dog"], ["Two dogs and three people."]) == pytest.approx(2 / 3)
     assert tag_coverage(["traffic light"], ["a row of traffic  lights"]) == 1.0
@@ -146,7 +153,7 @@ def test_tag_coverage_matches_words_and_plurals():
 
 
 def test_bench_synthetic_rows_are_range_independent_and_compare_handles_ties():
-    from raysys.bench_retrieve import compare_topk, synth_rows
+    from raysys.bench.retrieve import compare_topk, synth_rows
 
     bases = np.random.default_rng(0).standard_normal((7, 12)).astype(np.float32)
     whole = synth_rows(bases, 3, 0.5, 0, 70_000)
@@ -190,7 +197,7 @@ def test_image_without_tags_is_skipped_and_counted(tmp_path, ray_session, caplog
     """About a quarter of real Flickr8k photos get no detection: they must not stop retrieval."""
     _tiny_images(tmp_path, [["dog", "dog"], ["", " "], ["cat"], []])
     _tiny_texts(tmp_path, ["a dog runs on the grass", "a cat sleeps on a sofa", "a red bus on a street"])
-    with caplog.at_level("WARNING", logger="raysys.embedding"):
+    with caplog.at_level("WARNING", logger="raysys.corpus.embedding"):
         rep = retrieve(tmp_path, RetrievalConfig(k=2, shards=1))
     assert rep["embed"]["images"]["skipped_no_tags"] == 2
     warn = [r.getMessage() for r in caplog.records if "without tags" in r.getMessage()]
@@ -230,7 +237,7 @@ def test_blank_text_and_duplicate_ids_are_clear_errors(tmp_path):
 
 
 def test_world_retrieval_beats_random_and_finds_gold(retrieved, world):
-    """Margins from the world's construction (raysys/world.py):
+    """Margins from the world's construction (raysys/data/world.py):
 
     * a random sentence is a true caption with p = 5/7 (5 captions + 2 distractors per image); a
       caption names at most 3 of the 80 classes, so a given tag appears in it with p <= 3/80, and
@@ -260,7 +267,7 @@ def test_world_retrieval_beats_random_and_finds_gold(retrieved, world):
     assert sorted(df["rank"].unique()) == [0, 1, 2, 3, 4]
     assert (df.groupby("image_id")["score"].apply(lambda s: (np.diff(s.to_numpy()) <= 1e-6).all())).all()
     # the scores are cosines of the stored unit vectors
-    from raysys.embedding import read_embeddings
+    from raysys.corpus.embedding import read_embeddings
 
     ids_i, vi = read_embeddings(world, "images")
     ids_t, vt = read_embeddings(world, "texts")
@@ -327,7 +334,7 @@ def test_crash_between_shards_resumes_without_recomputing(small_world, retrieved
 def test_diagnostics_go_to_the_active_mlflow_run(world, retrieved, tmp_path):
     import mlflow
 
-    from raysys.diagnostics import write_report
+    from raysys.corpus.diagnostics import write_report
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("retrieval-test")
@@ -344,7 +351,7 @@ def test_diagnostics_go_to_the_active_mlflow_run(world, retrieved, tmp_path):
 
 
 def _lxmert_into_coco(shared: Path, out: Path, coco_images: int) -> Path:
-    from raysys.importers import import_lxmert_tsv, import_texts
+    from raysys.data.importers import import_lxmert_tsv, import_texts
 
     tsv = shared / "region_features_lxmert_tsv" / "train.tsv"
     import_lxmert_tsv(tsv, shared / "vg_vocab" / "objects_vocab.txt", out)

@@ -17,8 +17,8 @@ import pytest
 
 from raysys import config
 from raysys.config import ConfigError
-from raysys.report import write_report
-from raysys.sweep import SweepConfig, trial_specs
+from raysys.experiments.report import write_report
+from raysys.experiments.sweep import SweepConfig, trial_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 

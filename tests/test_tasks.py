@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from raysys.contract import ContractError
-from raysys.tasks import read_task, strip_entities
+from raysys.evaluate.tasks import read_task, strip_entities
 
 # ---------------------------------------------------------------- readers of the official formats
 
@@ -140,7 +140,7 @@ def test_cli_malformed_file_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_image_references_resolve_across_spellings():
-    from raysys.downstream import ImageIndex
+    from raysys.evaluate.downstream import ImageIndex
 
     idx = ImageIndex(["vqav2/COCO_train2014_000000458752.jpg", "flickr30k/6338542128.jpg", "dev-850-0-img0",
                       "a/1.jpg", "b/1.jpg"])  # fmt: skip
@@ -158,8 +158,8 @@ def test_image_references_resolve_across_spellings():
 def task_images(tmp_path_factory, shared_data) -> dict[str, Path]:
     """The fixture images through the real stages: 8 photos through `featurize` (1280-d), the 8
     NLVR2 images from the shared LXMERT TSV through `import lxmert-tsv` (2048-d)."""
-    from raysys.featurize import FeaturizeConfig, featurize
-    from raysys.importers import import_lxmert_tsv
+    from raysys.data.featurize import FeaturizeConfig, featurize
+    from raysys.data.importers import import_lxmert_tsv
 
     root = tmp_path_factory.mktemp("task_images")
     img = shared_data / "task_fixtures" / "images"
@@ -192,7 +192,7 @@ def _write_refs(root: Path, image_id: int, boxes_xywh: list[list[float]]) -> tup
 def _refcoco_fixture(root: Path, photos: Path) -> tuple[Path, Path]:
     """Referring expressions on the featurized VQA photo (COCO id 458752): gold boxes are its
     detections moved by 2 px, expressions name the detected class and a side."""
-    from raysys.downstream import load_images
+    from raysys.evaluate.downstream import load_images
 
     im = load_images(photos, ["vqav2/COCO_train2014_000000458752.jpg"])
     boxes = im.image_boxes(0)[:-1]  # the detections (the last region is the whole image)
@@ -205,8 +205,8 @@ def test_every_task_fine_tunes_on_its_fixture_and_lands_in_mlflow(task_images, s
     import torch
     from _pretrain_fixtures import tiny_bert_folder
 
-    from raysys.finetune import FinetuneConfig, TaskRun, run_finetune
-    from raysys.model import ModelConfig, build_model, save_checkpoint
+    from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune
+    from raysys.pretrain.model import ModelConfig, build_model, save_checkpoint
 
     fx = shared_data / "task_fixtures"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -24,7 +24,7 @@ import pytest
 import torch
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
-from raysys.train import Plan, TrainConfig
+from raysys.pretrain.ray_train import Plan, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # 2 epochs × 6
@@ -51,8 +51,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(ray_session, tiny):
     from raysys.cli import main
-    from raysys.pipeline import PipelineConfig, stage_pretrain
-    from raysys.train import fit
+    from raysys.experiments.pipeline import PipelineConfig, stage_pretrain
+    from raysys.pretrain.ray_train import fit
 
     data, bert, root = tiny
     cfg = tiny_config(bert)
@@ -107,8 +107,8 @@ def test_resume_after_stop_and_worker_kill_equals_uninterrupted_run(runs):
 
 
 def test_checkpoint_holds_model_optimizer_scheduler_rng_and_loads_weights_only(runs):
-    from raysys.model import load_checkpoint
-    from raysys.train import load_train_state
+    from raysys.pretrain.model import load_checkpoint
+    from raysys.pretrain.ray_train import load_train_state
 
     ckpt = Path(runs["full"]["checkpoint"])
     files = {p.name for p in ckpt.iterdir()}
@@ -139,8 +139,8 @@ class _Payload:
 
 def test_tampered_checkpoint_pickle_is_refused(runs, tmp_path):
     from raysys.contract import ContractError
-    from raysys.model import load_checkpoint
-    from raysys.train import load_train_state, safe_load
+    from raysys.pretrain.model import load_checkpoint
+    from raysys.pretrain.ray_train import load_train_state, safe_load
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(runs["full"]["checkpoint"], ckpt)
@@ -208,8 +208,8 @@ def test_export_loads_with_transformers_and_raysys_with_the_same_logits(runs, tm
     from transformers import AutoModel, AutoTokenizer
 
     from raysys.cli import main
-    from raysys.export import fixed_batch, load_exported, logits
-    from raysys.model import load_checkpoint
+    from raysys.experiments.export import fixed_batch, load_exported, logits
+    from raysys.pretrain.model import load_checkpoint
 
     ckpt = runs["full"]["checkpoint"]
     out = tmp_path / "hf"
@@ -242,8 +242,8 @@ def test_one_rank_step_is_the_local_loop(tiny):
     """The Ray Train loop's step (`Trainee.step`) is issue 5's local loop, step for step."""
     import numpy as np
 
-    from raysys.pretrain import prepare, train_local
-    from raysys.train import make_trainee
+    from raysys.pretrain.loop import prepare, train_local
+    from raysys.pretrain.ray_train import make_trainee
 
     data, bert, _ = tiny
     cfg = replace(tiny_config(bert), threads=1, steps=8)  # same schedule length on both sides
@@ -268,8 +268,8 @@ def test_plan_counts_optimizer_steps_with_grad_accumulation():
 
 def test_demo_config_file_matches_the_pipeline_default():
     from raysys import config
-    from raysys.pipeline import PipelineConfig
-    from raysys.train import demo_config
+    from raysys.experiments.pipeline import PipelineConfig
+    from raysys.pretrain.ray_train import demo_config
 
     assert config.load(TrainConfig, ROOT / "configs" / "pretrain_demo.yaml") == demo_config() == PipelineConfig().pretrain
 
@@ -315,7 +315,7 @@ def test_tracking_helpers(tmp_path):
 def test_bench_train_smoke(ray_session, tiny, tmp_path):
     import argparse
 
-    from raysys import bench_train
+    from raysys.bench import train as bench_train
 
     data, bert, _ = tiny
     p = argparse.ArgumentParser()
@@ -329,7 +329,7 @@ def test_bench_train_smoke(ray_session, tiny, tmp_path):
 
 
 def test_storage_paths_and_uris(tmp_path, monkeypatch):
-    from raysys.train import resolve_storage, run_exists
+    from raysys.pretrain.ray_train import resolve_storage, run_exists
 
     monkeypatch.chdir(tmp_path)
     assert resolve_storage("s3://bucket/raysys") == "s3://bucket/raysys"  # passed through to RunConfig

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raysys.contract import count_rows, read_manifest, read_table, region_arrays, validate_dataset
-from raysys.world import COCO_CLASSES, WorldConfig, plural, write_world
+from raysys.data.world import COCO_CLASSES, WorldConfig, plural, write_world
 
 
 def _truth(root):

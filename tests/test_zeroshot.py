@@ -10,7 +10,7 @@ import pytest
 from _pretrain_fixtures import tiny_bert_folder
 
 from raysys.contract import ContractError
-from raysys.zeroshot import REQUIRED_KEYS, ZeroShotConfig, evaluate_zeroshot
+from raysys.evaluate.zeroshot import REQUIRED_KEYS, ZeroShotConfig, evaluate_zeroshot
 
 TIMING = {"seconds", "pairs_per_s", "workers", "ray", "mlflow"}
 
@@ -18,7 +18,7 @@ TIMING = {"seconds", "pairs_per_s", "workers", "ray", "mlflow"}
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A small random model (32 wide, 2 layers) for the demo world's 2048-d features."""
-    from raysys.model import ModelConfig, build_model, save_checkpoint
+    from raysys.pretrain.model import ModelConfig, build_model, save_checkpoint
 
     d = tmp_path_factory.mktemp("zs_ckpt")
     bert = tiny_bert_folder(d / "bert")
@@ -94,7 +94,7 @@ def test_cli_base_prints_the_json_and_logs_to_mlflow(small_world, tmp_path, caps
 def test_pipeline_stage_compares_with_base_in_the_pretraining_run(small_world, tiny_ckpt, tmp_path):
     import mlflow
 
-    from raysys.zeroshot import zeroshot_stage
+    from raysys.evaluate.zeroshot import zeroshot_stage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = mlflow.MlflowClient(tracking_uri=uri)
@@ -114,7 +114,7 @@ def test_pipeline_stage_compares_with_base_in_the_pretraining_run(small_world, t
         zeroshot_stage(ZeroShotConfig(), small_world, {})
 
     # the pipeline's last stage: report.md from the summary, logged into the same run
-    from raysys.pipeline import PipelineConfig, stage_report
+    from raysys.experiments.pipeline import PipelineConfig, stage_report
 
     summary = {"pretrain": {**pretrain, "steps": 3, "final_loss": 1.25, "components": {"is.itm": 0.5}}, "zeroshot": out}
     stage_report(PipelineConfig(), tmp_path, summary)

@@ -8,11 +8,11 @@ import importlib
 
 # name -> module with `add_arguments(parser)` and `run(args) -> dict`
 BENCHES: dict[str, str] = {
-    "featurize": "raysys.bench_featurize",
-    "embed": "raysys.bench_embed",
-    "retrieve": "raysys.bench_retrieve",
-    "train": "raysys.bench_train",
-    "zeroshot-flickr8k": "raysys.bench_zeroshot",
+    "featurize": "raysys.bench.featurize",
+    "embed": "raysys.bench.embed",
+    "retrieve": "raysys.bench.retrieve",
+    "train": "raysys.bench.train",
+    "zeroshot-flickr8k": "raysys.bench.zeroshot",
 }
 
 

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from raysys import config
-    from raysys.pipeline import PipelineConfig, run_pipeline
+    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
 
     cfg = config.load(PipelineConfig, args.config, args.overrides)
     if args.dry_run:

@@ -59,7 +59,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     import json
 
     from raysys import config
-    from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table, zeroshot_stage
+    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table, zeroshot_stage
 
     cfg = config.from_dict(ZeroShotConfig, config.apply_overrides(_section(args.config, "zeroshot"), args.overrides))
     cfg.check()
@@ -81,7 +81,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     import json
 
     from raysys import config
-    from raysys.finetune import FinetuneConfig, TaskRun, run_finetune
+    from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune
 
     cfg = config.from_dict(FinetuneConfig, config.apply_overrides(_section(args.config, "finetune"), args.overrides))
     if args.task:

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write a checkpoint as a HF save_pretrained folder (backbone + heads + tokenizer); last line is JSON",
         description="CHECKPOINT is a model.pt, a Ray Train checkpoint directory holding one (e.g. the "
         "'checkpoint' printed by `raysys pretrain`), or a URI of either. The folder loads with "
-        "transformers.AutoModel / AutoTokenizer (the backbone) and with raysys.export.load_exported "
+        "transformers.AutoModel / AutoTokenizer (the backbone) and with raysys.experiments.export.load_exported "
         "(the full model with its heads).",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model.pt, a checkpoint directory, or a URI")
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from raysys.export import compare, export_checkpoint
+    from raysys.experiments.export import compare, export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
     if not args.no_verify:

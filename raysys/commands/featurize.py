@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raysys import config
-    from raysys.featurize import FeaturizeConfig, featurize, format_summary, import_plugins
+    from raysys.data.featurize import FeaturizeConfig, featurize, format_summary, import_plugins
 
     if args.list_backends:
-        from raysys import detectors
+        from raysys.data import detectors
 
         import_plugins(args.plugin or [])
         print("backends:", ", ".join(f"{k} = {d}+{f}" for k, (d, f) in detectors.BACKENDS.items()))

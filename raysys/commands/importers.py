@@ -44,18 +44,18 @@ def _report(man: dict) -> int:
 
 
 def _lxmert(a: argparse.Namespace) -> int:
-    from raysys.importers import import_lxmert_tsv
+    from raysys.data.importers import import_lxmert_tsv
 
     return _report(import_lxmert_tsv(a.file, a.vocab, a.out, a.feature_dim))
 
 
 def _vinvl(a: argparse.Namespace) -> int:
-    from raysys.importers import import_vinvl_tsv
+    from raysys.data.importers import import_vinvl_tsv
 
     return _report(import_vinvl_tsv(a.features, a.labels, a.out, a.labelmap, a.feature_dim))
 
 
 def _texts(a: argparse.Namespace) -> int:
-    from raysys.importers import import_texts
+    from raysys.data.importers import import_texts
 
     return _report(import_texts(a.files, a.format, a.out, a.column, a.header, a.source, a.max_captions))

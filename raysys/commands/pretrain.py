@@ -1,7 +1,7 @@
 """`raysys pretrain`: pre-train the single-stream model.
 
 `--local` runs the plain-PyTorch loop in this process (debugging, tests, the baselines at small
-scale). Without it, Ray Train runs the same core on `--workers` DDP ranks (raysys.train).
+scale). Without it, Ray Train runs the same core on `--workers` DDP ranks (raysys.pretrain.ray_train).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write model.pt (torch.load weights_only) and pretrain.yaml here")
     p.add_argument("--history", default=None, help="write the per-step components as JSON lines to this file")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    # distributed (Ray Train; without --local) — see raysys/train.py and docs/training.md
+    # distributed (Ray Train; without --local) — see raysys/pretrain/ray_train.py and docs/training.md
     p.add_argument("--name", default=None, help="Ray Train run name; re-running the same name and --storage resumes")
     p.add_argument("--storage", default=None, help="Ray Train storage path: a directory or a URI (s3://, gs://)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks; default: the config's, 2)")
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from raysys import config
-    from raysys.pretrain import PretrainConfig
+    from raysys.pretrain.loop import PretrainConfig
 
     data = config.load_yaml(args.config)
     if "pretrain" in data and isinstance(data["pretrain"], dict):
@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         data["recipe"] = args.recipe
     if not args.local:  # Ray Train (TorchTrainer); its config adds the cluster keys to PretrainConfig
-        from raysys.train import run_cli
+        from raysys.pretrain.ray_train import run_cli
 
         return run_cli(args, data)
     cfg = config.from_dict(PretrainConfig, data)
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
-    from raysys.pretrain import train_local
+    from raysys.pretrain.loop import train_local
 
     result = train_local(cfg, args.data, out=args.out, steps=args.steps)
     history = result.pop("history")

@@ -51,7 +51,7 @@ def _flags(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
 
 def _retrieval_cfg(args: argparse.Namespace, mapping: dict[str, str]):
     from raysys import config
-    from raysys.retrieval import RetrievalConfig
+    from raysys.corpus.retrieval import RetrievalConfig
 
     return config.load(RetrievalConfig, args.config, _flags(args, mapping), section="retrieval")
 
@@ -77,7 +77,7 @@ def _print(report: dict) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from raysys.embedding import embed
+    from raysys.corpus.embedding import embed
 
     cfg = _retrieval_cfg(args, {"model": "embed.model", "batch_size": "embed.batch_size", "actors": "embed.actors"})
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -88,7 +88,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from raysys.retrieval import retrieve
+    from raysys.corpus.retrieval import retrieve
 
     cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "index": "index", "nprobe": "nprobe", "model": "embed.model"})
     return _print(_with_ray(lambda: retrieve(args.data, cfg)))
@@ -96,7 +96,7 @@ def _retrieve(args: argparse.Namespace) -> int:
 
 def _phrases(args: argparse.Namespace) -> int:
     from raysys import config
-    from raysys.phrases import PhrasesConfig, extract_phrases
+    from raysys.corpus.phrases import PhrasesConfig, extract_phrases
 
     cfg = config.load(PhrasesConfig, args.config, list(args.overrides or []), section="phrases")
     return _print(_with_ray(lambda: extract_phrases(args.data, cfg)))

@@ -24,7 +24,7 @@ def _sweep(args: argparse.Namespace) -> int:
     import json
 
     from raysys import config
-    from raysys.sweep import SweepConfig, run_sweep, trial_specs
+    from raysys.experiments.sweep import SweepConfig, run_sweep, trial_specs
 
     cfg = config.load(SweepConfig, args.config, args.overrides)
     if args.dry_run:
@@ -40,7 +40,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from raysys.report import write_report
+    from raysys.experiments.report import write_report
 
     print(json.dumps(write_report(args.tracking_uri, args.experiment, args.out)))
     return 0

@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from raysys import config
+    from raysys.data.world import WorldConfig, write_world
     from raysys.rss import PeakRSS
-    from raysys.world import WorldConfig, write_world
 
     data = config.load_yaml(args.config)
     data = data.get("world", data) if isinstance(data.get("world"), dict) else data

@@ -61,8 +61,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
     import numpy as np
 
     from raysys.contract import shard_files
-    from raysys.featurize import FeaturizeConfig, featurize
-    from raysys.importers import import_texts
+    from raysys.data.featurize import FeaturizeConfig, featurize
+    from raysys.data.importers import import_texts
 
     flickr, work = Path(args.flickr), Path(args.work)
     splits = _splits(flickr)
@@ -96,12 +96,12 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from raysys.phrases import extract_phrases
-    from raysys.pretrain import PretrainConfig, train_local
+    from raysys.corpus.phrases import extract_phrases
+    from raysys.corpus.retrieval import retrieve
+    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table
+    from raysys.pretrain.loop import PretrainConfig, train_local
     from raysys.raycluster import ensure_ray
-    from raysys.retrieval import retrieve
     from raysys.rss import PeakRSS
-    from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table
 
     t0 = time.perf_counter()
     with PeakRSS() as mem:

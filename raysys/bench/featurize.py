@@ -3,7 +3,7 @@
 The two run on the same images in the same run; peak memory covers the whole process tree (Ray
 workers included); detector tags are checked against Flickr8k train captions.
 
-Both sides run `raysys.featurize.featurize` end to end (read, decode, detect, region features,
+Both sides run `raysys.data.featurize.featurize` end to end (read, decode, detect, region features,
 Parquet shards, report), the baseline with `use_ray=False`: one process, one batch after another,
 torch and OpenCV at their default thread counts (all cores), which is what a plain script gets.
 The Ray side is timed after `ray.init` (reported apart as `ray_init_s`) but includes actor start-up
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from raysys import config
-    from raysys.featurize import FeaturizeConfig, featurize, list_inputs
+    from raysys.data.featurize import FeaturizeConfig, featurize, list_inputs
     from raysys.raycluster import ensure_ray
 
     cfg = config.from_dict(FeaturizeConfig, config.apply_overrides({}, args.overrides))

@@ -1,6 +1,6 @@
 """Distributed pre-training on Ray Train (Train V2): `TorchTrainer` over N CPU or GPU workers.
 
-The per-step work is the plain-PyTorch core of `raysys.pretrain` unchanged (`prepare`, the
+The per-step work is the plain-PyTorch core of `raysys.pretrain.loop` unchanged (`prepare`, the
 mixer, `make_step`, `make_optimizer`); this module adds what a cluster run needs:
 
 - **DDP**: `ray.train.torch.prepare_model`; each worker loads only its shard of the data
@@ -15,7 +15,7 @@ mixer, `make_step`, `make_optimizer`); this module adds what a cluster run needs
   oversubscribe the cores).
 - **Checkpoints** every `checkpoint_every` steps and at every epoch end through
   `ray.train.report(metrics, checkpoint=…)`. A checkpoint directory holds
-  `model.pt` (`raysys.model.save_checkpoint` format: loads with `load_checkpoint`/`raysys export`),
+  `model.pt` (`raysys.pretrain.model.save_checkpoint` format: loads with `load_checkpoint`/`raysys export`),
   `train_state.pt` (optimiser, scheduler, step, epoch), `rng-rank<r>.pt` (each rank's torch /
   CUDA / numpy / python RNG: dropout differs per rank), `metrics.json` and `config.yaml`. Every
   `.pt` is tensors and plain containers only and is read back with `torch.load(weights_only=True)`:
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from raysys.config import ConfigError
-from raysys.pretrain import PretrainConfig
+from raysys.pretrain.loop import PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class TrainConfig(PretrainConfig):
 
 def validate(cfg: TrainConfig) -> None:
     """Fail in the driver, in one line, on what would otherwise fail inside every worker."""
-    from raysys.recipes import resolve
+    from raysys.pretrain.recipes import resolve
 
     for key in ("workers", "grad_accum", "batch_size"):
         if getattr(cfg, key) < 1:
@@ -213,7 +213,7 @@ def write_checkpoint_files(
     import torch
 
     from raysys import config as rconfig
-    from raysys.model import save_checkpoint
+    from raysys.pretrain.model import save_checkpoint
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / rng_file(rank))
@@ -388,7 +388,7 @@ class Trainee:
         """Run optimiser step `s`; returns (mean loss components, lr used, samples, tokens)."""
         import torch
 
-        from raysys.granularity import to_device
+        from raysys.pretrain.granularities import to_device
 
         epoch = self.plan.epoch(s)
         lr = self.sched.get_last_lr()[0] if self.sched is not None else 0.0
@@ -426,8 +426,8 @@ def make_trainee(cfg: TrainConfig, setup, device, batches_per_epoch: dict[str, i
     (Ray Train's `prepare_model`); without it the model is moved to `device`."""
     import torch
 
-    from raysys.curriculum import make_mixer
-    from raysys.pretrain import build_pretrain_model, make_optimizer, make_step
+    from raysys.pretrain.curriculum import make_mixer
+    from raysys.pretrain.loop import build_pretrain_model, make_optimizer, make_step
 
     recipe = setup.recipe
     mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
@@ -461,7 +461,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from raysys import config as rconfig
-    from raysys.pretrain import prepare
+    from raysys.pretrain.loop import prepare
 
     t_setup = time.perf_counter()
     cfg = rconfig.from_dict(TrainConfig, config["cfg"])
@@ -493,7 +493,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             from raysys.contract import ContractError
-            from raysys.model import CHECKPOINT_FORMAT
+            from raysys.pretrain.model import CHECKPOINT_FORMAT
 
             payload = safe_load(Path(d) / MODEL_FILE)
             if payload.get("format") != CHECKPOINT_FORMAT:

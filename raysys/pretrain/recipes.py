@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from raysys.config import ConfigError
 
 if TYPE_CHECKING:
-    from raysys.pretrain import PretrainConfig
+    from raysys.pretrain.loop import PretrainConfig
 
 MUVLA_GRANULARITIES = ("rt", "rp", "is")
 

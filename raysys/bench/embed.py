@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
 
     from raysys.contract import TEXTS_SCHEMA, shard_name, write_parquet_atomic
-    from raysys.embedding import EmbedConfig, embed, encode_deterministic, load_model, read_embeddings
+    from raysys.corpus.embedding import EmbedConfig, embed, encode_deterministic, load_model, read_embeddings
     from raysys.rss import PeakRSS
 
     cpus = args.cpus or os.cpu_count() or 1

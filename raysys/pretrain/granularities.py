@@ -40,11 +40,11 @@ import pyarrow.parquet as pq
 import torch
 
 from raysys.contract import ContractError, read_manifest, read_table, region_arrays, shard_files
-from raysys.model import location_features
-from raysys.objectives import IGNORE
+from raysys.pretrain.model import location_features
+from raysys.pretrain.objectives import IGNORE
 
 if TYPE_CHECKING:
-    from raysys.pretrain import PretrainConfig
+    from raysys.pretrain.loop import PretrainConfig
 
 log = logging.getLogger(__name__)
 

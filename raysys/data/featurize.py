@@ -6,7 +6,7 @@ from folders of photos. `featurize` runs
     list files -> plan shards -> Ray Data actor pool [read -> decode -> detect -> region features]
                -> driver groups rows by shard -> atomic Parquet shard + per-shard sidecar -> report
 
-* **Pluggable**: the detector and region-feature backends come from `raysys.detectors`' registries.
+* **Pluggable**: the detector and region-feature backends come from `raysys.data.detectors`' registries.
 * **Regions**: the detections (score-sorted, at most `max_regions - 1`), then always the whole
   image; when the detector finds nothing, also a `grid` x `grid` set of cells, so every image has
   local regions. Non-detection regions carry tag `""`, class id `-1` and score 0: they have no
@@ -97,7 +97,7 @@ class FeaturizeConfig:
             raise configlib.ConfigError("featurize.grid: must be >= 0")
 
     def backends(self) -> tuple[str, str]:
-        from raysys.detectors import resolve_backend
+        from raysys.data.detectors import resolve_backend
 
         import_plugins(self.plugins)
         try:
@@ -281,7 +281,7 @@ def decode_image(data: bytes, max_side: int = 1024, min_side: int = 8, max_pixel
 def assemble_regions(det: Any, width: int, height: int, max_regions: int, grid: int) -> dict[str, np.ndarray]:
     """Detections (already score-sorted) + the whole image + the grid fallback, in the *processing*
     image's pixels; `n_detections` says how many leading regions are real detections."""
-    from raysys.detectors import grid_boxes
+    from raysys.data.detectors import grid_boxes
 
     b = det.boxes.reshape(-1, 4)
     ok = ((b[:, 2] - b[:, 0]) >= 1.0) & ((b[:, 3] - b[:, 1]) >= 1.0)  # drop degenerate boxes
@@ -315,7 +315,7 @@ class Featurizer:
         import cv2
         import torch
 
-        from raysys.detectors import get_detector, get_features
+        from raysys.data.detectors import get_detector, get_features
 
         self.cfg = configlib.from_dict(FeaturizeConfig, cfg)
         if set_threads:
@@ -470,7 +470,7 @@ def featurize(
     return the report (also written to `out/featurize_report.json`)."""
     import pyarrow as pa
 
-    from raysys.detectors import get_detector, get_features
+    from raysys.data.detectors import get_detector, get_features
 
     cfg.check()
     t_start = time.perf_counter()

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from raysys.objectives import ObjectiveOutput
+from raysys.pretrain.objectives import ObjectiveOutput
 
 # Granularities whose samples are retrieved (weakly aligned) pairs: the ones w_ITM weights.
 WEIGHTED_GRANULARITIES = ("rp", "is")

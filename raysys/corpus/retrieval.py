@@ -43,7 +43,7 @@ from raysys.contract import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from raysys.embedding import EmbedConfig, embed, fingerprint, model_id, read_vectors
+from raysys.corpus.embedding import EmbedConfig, embed, fingerprint, model_id, read_vectors
 from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def retrieve(
     data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
     """Embed, search, write `pairs/` and the diagnostics; return the diagnostics report."""
-    from raysys.diagnostics import retrieval_diagnostics, write_report
+    from raysys.corpus.diagnostics import retrieval_diagnostics, write_report
 
     cfg = cfg or RetrievalConfig()
     cfg.check()

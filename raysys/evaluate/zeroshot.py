@@ -6,7 +6,7 @@ pre-trained model's image–text matching head (score = logit(match) − logit(n
 * image→text (i2t): for every image, rank all texts; a hit is any of its gold captions;
 * text→image (t2i): for every text, rank all images; a hit is its gold image;
 
-R@1/5/10 (percent), mean and median rank (tie policy in `raysys.metrics`: pessimistic), and the
+R@1/5/10 (percent), mean and median rank (tie policy in `raysys.evaluate.metrics`: pessimistic), and the
 ITM ROC-AUC of true pairs against shuffled pairs (each gold caption with an image drawn from the
 other evaluation images).
 
@@ -55,7 +55,7 @@ class ZeroShotConfig:
     batch_size: int = 128  # pairs per forward pass
     max_text_len: int = 0  # 0 = the checkpoint's pre-training value (40)
     max_regions: int = 0  # 0 = the checkpoint's pre-training value (36)
-    tie_policy: str = "pessimistic"  # pessimistic | optimistic | average (raysys.metrics)
+    tie_policy: str = "pessimistic"  # pessimistic | optimistic | average (raysys.evaluate.metrics)
     ray: str = "auto"  # auto: shard over Ray actors when n_pairs >= shard_min_pairs | always | never
     shard_min_pairs: int = 20000
     workers: int = 0  # Ray actors; 0 = cluster CPUs / cpus_per_worker (or GPUs / gpus_per_worker)
@@ -75,7 +75,7 @@ class ZeroShotConfig:
 
     def check(self) -> None:
         from raysys.config import ConfigError
-        from raysys.metrics import TIE_POLICIES
+        from raysys.evaluate.metrics import TIE_POLICIES
 
         if self.coarse not in ("none", "tags"):
             raise ConfigError(f"zeroshot.coarse: {self.coarse!r} is not one of ['none', 'tags']")
@@ -103,7 +103,7 @@ def eval_set(data: str | Path, cfg: ZeroShotConfig) -> EvalSet:
     import pyarrow.compute as pc
 
     from raysys.contract import ContractError, iter_table, read_table, shard_files
-    from raysys.downstream import ImageIndex, image_ids
+    from raysys.evaluate.downstream import ImageIndex, image_ids
 
     root = Path(data)
     if not shard_files(root, "gold"):
@@ -159,7 +159,7 @@ def score_pairs(model, corpus, tokenizer, tokens: list[np.ndarray], pair_img: np
     Pairs are sorted by text length inside the call so batches carry little padding."""
     import torch
 
-    from raysys.downstream import pair_batch, to_device
+    from raysys.evaluate.downstream import pair_batch, to_device
 
     out = np.empty(len(pair_img), np.float32)
     lengths = np.array([len(tokens[t]) for t in pair_txt], np.int64) if len(pair_txt) else np.zeros(0, np.int64)
@@ -179,8 +179,8 @@ class PairScorer:
     def __init__(self, source, corpus, tokens, batch_size: int, threads: int, device: str):
         import torch
 
-        from raysys.downstream import load_model, pick_device
-        from raysys.model import load_tokenizer
+        from raysys.evaluate.downstream import load_model, pick_device
+        from raysys.pretrain.model import load_tokenizer
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -235,7 +235,7 @@ def coarse_similarity(data: str | Path, corpus, es: EvalSet, model_name: str = "
     """(I, T) cosine between each image's tag query and each text, by the retrieval stage's
     sentence embedder; reuses `DATA/embeddings/{images,texts}` when they hold these ids."""
     from raysys.contract import shard_files
-    from raysys.embedding import encode_deterministic, load_model, query_string, read_embeddings
+    from raysys.corpus.embedding import encode_deterministic, load_model, query_string, read_embeddings
 
     root = Path(data)
 
@@ -278,7 +278,7 @@ def evaluate_zeroshot(checkpoint: str, data: str | Path, cfg: ZeroShotConfig | N
                       log_to_mlflow: bool | None = None) -> dict[str, Any]:  # fmt: skip
     """Zero-shot retrieval of `checkpoint` on `data`'s gold split. `checkpoint`: "base", a model.pt,
     a checkpoint directory holding one, or a checkpoint URI."""
-    from raysys.downstream import local_checkpoint
+    from raysys.evaluate.downstream import local_checkpoint
 
     with local_checkpoint(checkpoint) as path:
         return _evaluate(path, str(checkpoint), data, cfg or ZeroShotConfig(), log_to_mlflow)
@@ -288,7 +288,7 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
     import torch
 
     from raysys.contract import read_manifest
-    from raysys.downstream import (
+    from raysys.evaluate.downstream import (
         ModelSource,
         check_feature_dim,
         load_images,
@@ -297,8 +297,8 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
         text_settings,
         tokenize,
     )
-    from raysys.metrics import gold_ranks, rank_summary, roc_auc
-    from raysys.model import load_tokenizer
+    from raysys.evaluate.metrics import gold_ranks, rank_summary, roc_auc
+    from raysys.pretrain.model import load_tokenizer
 
     cfg.check()
     t0 = time.perf_counter()
@@ -400,7 +400,7 @@ def log_zeroshot(result: dict[str, Any], extra: dict[str, Any], cfg: ZeroShotCon
     import os
 
     from raysys.config import to_dict
-    from raysys.downstream import log_mlflow, numeric, parent_run_id, tracking_uri
+    from raysys.evaluate.downstream import log_mlflow, numeric, parent_run_id, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri, extra)
     explicit_store = bool(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
@@ -440,7 +440,7 @@ def zeroshot_stage(cfg: ZeroShotConfig, data: str | Path, pretrain: dict[str, An
     from dataclasses import replace
 
     from raysys.config import ConfigError
-    from raysys.downstream import checkpoint_extra, local_checkpoint
+    from raysys.evaluate.downstream import checkpoint_extra, local_checkpoint
 
     ckpt = pretrain.get("model") or pretrain.get("checkpoint")
     if not ckpt:

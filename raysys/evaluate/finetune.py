@@ -17,7 +17,7 @@ RefCOCO+'s batch size, which 000 omits, from 001 App. A; 001 App. A for retrieva
 field (`vqa.lr=1e-4`); `steps=N` caps every task at N optimizer steps for smoke runs.
 
 Meta-average: the unweighted mean of the headline scores of VQA, NLVR2, VE and RefCOCO+ among the
-tasks run (`raysys.metrics.meta_average`, which reproduces the paper's Meta-Ave column).
+tasks run (`raysys.evaluate.metrics.meta_average`, which reproduces the paper's Meta-Ave column).
 
 MLflow: each task is a new run tagged `raysys.parent_run_id` (and `mlflow.parentRunId`) = the
 checkpoint's pre-training run, holding the task's params, per-step loss and metrics; the headline
@@ -203,14 +203,14 @@ class TaskData:
     examples: list[Any]
     images: list[list[int]]  # per example: indices into `imageset`
     tokens: list[np.ndarray]
-    imageset: Any  # raysys.downstream.ImageSet
+    imageset: Any  # raysys.evaluate.downstream.ImageSet
     skipped: int = 0
     skipped_example: str = ""
 
 
 def prepare_data(examples, root: str | Path, tokenizer, max_text_len: int, max_regions: int, strict: bool) -> TaskData:
     from raysys.contract import ContractError
-    from raysys.downstream import ImageIndex, image_ids, load_images, tokenize
+    from raysys.evaluate.downstream import ImageIndex, image_ids, load_images, tokenize
 
     root = Path(root)
     index = ImageIndex(image_ids(root))
@@ -245,7 +245,7 @@ def build_answer_vocab(train: list[Any], hp: VQAHyper) -> list[str]:
     import json
     from collections import Counter
 
-    from raysys.metrics import normalize_answer
+    from raysys.evaluate.metrics import normalize_answer
 
     if hp.answer_vocab:
         p = Path(hp.answer_vocab)
@@ -268,8 +268,8 @@ def make_batch(task: str, data: TaskData, idx: np.ndarray, tokenizer, extra: dic
     """Inputs and targets of examples `idx` for `task`."""
     import torch
 
-    from raysys.downstream import pair_batch
-    from raysys.metrics import iou
+    from raysys.evaluate.downstream import pair_batch
+    from raysys.evaluate.metrics import iou
 
     exs = [data.examples[int(i)] for i in idx]
     if task == "nlvr2":
@@ -311,7 +311,7 @@ def make_batch(task: str, data: TaskData, idx: np.ndarray, tokenizer, extra: dic
     if task == "vqa":
         vocab_index = extra["vocab_index"]
         target = np.zeros((len(exs), len(vocab_index)), np.float32)
-        from raysys.metrics import vqa_soft_scores
+        from raysys.evaluate.metrics import vqa_soft_scores
 
         for b, ex in enumerate(exs):
             for a, s in vqa_soft_scores(ex.label or []).items():
@@ -351,13 +351,13 @@ def evaluate_task(task: str, model, data: TaskData, tokenizer, extra: dict[str, 
                   tie_policy: str = "pessimistic") -> dict[str, Any]:  # fmt: skip
     import torch
 
-    from raysys.downstream import to_device
-    from raysys.metrics import accuracy, gold_ranks, iou, rank_summary, vqa_accuracy
+    from raysys.evaluate.downstream import to_device
+    from raysys.evaluate.metrics import accuracy, gold_ranks, iou, rank_summary, vqa_accuracy
 
     model.eval()
     n = len(data.examples)
     if task == "retrieval":
-        from raysys.zeroshot import score_pairs
+        from raysys.evaluate.zeroshot import score_pairs
 
         img_of = np.array([data.images[i][0] for i in range(n)], np.int64)
         images = np.unique(img_of)
@@ -404,7 +404,7 @@ def evaluate_task(task: str, model, data: TaskData, tokenizer, extra: dict[str, 
 
 
 def _candidates(answers: list[str], vocab_index: dict[str, int]) -> list[str]:
-    from raysys.metrics import normalize_answer
+    from raysys.evaluate.metrics import normalize_answer
 
     return [a for a in {normalize_answer(x) for x in answers} if a in vocab_index]
 
@@ -415,7 +415,7 @@ def _candidates(answers: list[str], vocab_index: dict[str, int]) -> list[str]:
 def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlflow: bool | None = None) -> dict[str, Any]:
     """Fine-tune `checkpoint` on one task and evaluate it; returns the task's metrics and figures."""
     from raysys.config import ConfigError, to_dict
-    from raysys.tasks import get_task, read_task
+    from raysys.evaluate.tasks import get_task, read_task
 
     t0 = time.perf_counter()
     spec = get_task(run.task)
@@ -432,7 +432,7 @@ def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlf
     import torch
 
     from raysys.contract import read_manifest
-    from raysys.downstream import (
+    from raysys.evaluate.downstream import (
         ModelSource,
         check_feature_dim,
         load_model,
@@ -440,8 +440,8 @@ def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlf
         text_settings,
         to_device,
     )
-    from raysys.model import load_tokenizer
-    from raysys.pretrain import make_optimizer
+    from raysys.pretrain.loop import make_optimizer
+    from raysys.pretrain.model import load_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -542,7 +542,7 @@ def _log_task(result: dict[str, Any], history: list[dict[str, float]], params: d
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from raysys.downstream import log_mlflow, numeric, parent_run_id, tracking_uri
+    from raysys.evaluate.downstream import log_mlflow, numeric, parent_run_id, tracking_uri
 
     uri = tracking_uri(cfg.tracking_uri, ck_extra)
     parent = parent_run_id(cfg.parent_run_id, ck_extra)
@@ -566,7 +566,7 @@ def _log_task(result: dict[str, Any], history: list[dict[str, float]], params: d
 def run_finetune(checkpoint: str, cfg: FinetuneConfig, runs: list[TaskRun] | None = None) -> dict[str, Any]:
     """Every run of the suite, then the meta-average over the paper's four tasks among them."""
     from raysys.config import ConfigError
-    from raysys.metrics import META_TASKS, meta_average
+    from raysys.evaluate.metrics import META_TASKS, meta_average
 
     runs = runs if runs is not None else cfg.runs
     if not runs:
@@ -581,7 +581,7 @@ def run_finetune(checkpoint: str, cfg: FinetuneConfig, runs: list[TaskRun] | Non
     out["meta_average"] = round(meta_average(scores), 4) if in_meta else None
     out["meta_tasks"] = in_meta
     if cfg.mlflow and in_meta and len(results) > 1:
-        from raysys.downstream import checkpoint_extra, log_mlflow, parent_run_id, tracking_uri
+        from raysys.evaluate.downstream import checkpoint_extra, log_mlflow, parent_run_id, tracking_uri
 
         extra = checkpoint_extra(checkpoint)
         parent = parent_run_id(cfg.parent_run_id, extra)

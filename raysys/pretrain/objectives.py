@@ -4,12 +4,12 @@ An objective is an `nn.Module` (so a later method — MVPTR's concept recovery, 
 UNIMO-2's grounded dictionary — can own parameters) that turns the encoder's hidden states and a
 batch into a **per-sample** loss and a per-sample validity mask. Per sample, because the §3.4
 curriculum weights each retrieved pair by the model's own match probability `w_ITM`; the
-curriculum then reduces `(loss, valid, weight)` to one number (`raysys.curriculum.reduce_term`).
+curriculum then reduces `(loss, valid, weight)` to one number (`raysys.pretrain.curriculum.reduce_term`).
 
 Register a new one with `@register("name")`; a granularity names the objectives it uses, and the
 model builds every objective named in its config. Nothing in the core needs editing.
 
-Label conventions (what the collators of `raysys.granularity` produce):
+Label conventions (what the collators of `raysys.pretrain.granularities` produce):
 - `mlm_labels` (B, T): original token id at masked text positions, -100 elsewhere;
 - `mrc_labels` (B, R): detector class of each masked region, -100 elsewhere; optional
   `mrc_probs` (B, R, C): a stored class distribution, which switches MRC to KL divergence;
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from raysys.model import VLModel
+    from raysys.pretrain.model import VLModel
 
 IGNORE = -100
 

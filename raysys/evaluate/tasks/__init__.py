@@ -3,7 +3,7 @@ official file formats.
 
 A reader turns task files into `Example`s: which image(s), which text, which label. Images are
 named as the file names them (a VQA integer id, an NLVR2 identifier, a Flickr30k id); they are
-resolved against a dataset's `images/` table later (`raysys.downstream.ImageIndex`), so one reader
+resolved against a dataset's `images/` table later (`raysys.evaluate.downstream.ImageIndex`), so one reader
 works with images from `raysys featurize` and from an imported TSV alike.
 
 | task | formats (`format=` / auto-detected) | label |
@@ -385,7 +385,7 @@ def read_refcoco_refs(files: list[Path], split: str = "") -> list[Example]:
 
     Each ref `{ref_id, ann_id, image_id, split, sentences: [{sent, sent_id}]}` gives one example
     per sentence; the gold box is the annotation `ann_id`'s `bbox` ([x, y, w, h] → xyxy)."""
-    from raysys.metrics import xywh_to_xyxy
+    from raysys.evaluate.metrics import xywh_to_xyxy
 
     refs_file = inst_file = None
     for p in files:
@@ -434,7 +434,7 @@ def read_refcoco_refs(files: list[Path], split: str = "") -> list[Example]:
 def read_refcoco_simple(files: list[Path], split: str = "") -> list[Example]:
     """JSON list / JSONL rows `{image, expression, box: [x1, y1, x2, y2]}` (pixels; `bbox_xywh`
     accepted instead of `box`)."""
-    from raysys.metrics import xywh_to_xyxy
+    from raysys.evaluate.metrics import xywh_to_xyxy
 
     out = []
     for p in files:

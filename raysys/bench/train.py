@@ -1,6 +1,6 @@
 """Pre-training: Ray Train (1 worker) vs a plain single-process PyTorch loop, + 2-worker throughput.
 
-Both sides run the *same* optimiser step (`raysys.train.Trainee.step`: the same model, seed,
+Both sides run the *same* optimiser step (`raysys.pretrain.ray_train.Trainee.step`: the same model, seed,
 batches, AdamW schedule, threads and precision) for the same number of steps in this run; only
 the harness differs — a `for` loop in one plain process (a child in a session of its own, see
 `plain_loop_in_own_session`), or Ray Train's `TorchTrainer` with one worker (its controller,
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, work: Path, workers: int):
-    from raysys.train import TrainConfig
+    from raysys.pretrain.ray_train import TrainConfig
 
     return TrainConfig(
         recipe=args.recipe, batch_size=args.batch_size, steps=args.steps, steps_per_epoch=args.steps,
@@ -78,8 +78,8 @@ def plain_loop(cfg, data: Path, warmup: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from raysys.pretrain import pick_device, prepare
-    from raysys.train import make_trainee, set_threads
+    from raysys.pretrain.loop import pick_device, prepare
+    from raysys.pretrain.ray_train import make_trainee, set_threads
 
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
@@ -137,7 +137,7 @@ def _count_flops(tr, step: int) -> float:
 
 
 def _probe_step(tr, s: int) -> None:
-    from raysys.granularity import to_device
+    from raysys.pretrain.granularities import to_device
 
     for a in range(tr.plan.grad_accum):
         batches = [to_device(tr.streams[g].batch(j), tr.device) for g, j in tr.mixer.at(s * tr.plan.grad_accum + a)]
@@ -171,7 +171,7 @@ def _peak_tflops(override: float) -> tuple[float | None, str | None]:
 def _ray_run(cfg, data: Path, storage: Path, name: str) -> dict[str, Any]:
     from ray.train import Checkpoint
 
-    from raysys.train import fit, read_checkpoint_metrics
+    from raysys.pretrain.ray_train import fit, read_checkpoint_metrics
 
     t0 = time.perf_counter()
     res = fit(cfg, data, name, storage, log_model=False)
@@ -185,8 +185,8 @@ def _ray_run(cfg, data: Path, storage: Path, name: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from raysys.pretrain.ray_train import ensure_ray
     from raysys.rss import PeakRSS
-    from raysys.train import ensure_ray
 
     if args.warmup >= args.steps:
         from raysys.config import ConfigError
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with PeakRSS() as rss:
             data = Path(args.data) if args.data else work / "data"
             if not args.data and not (data / "manifest.json").exists():
-                from raysys.world import WorldConfig, write_world
+                from raysys.data.world import WorldConfig, write_world
 
                 write_world(WorldConfig(images=args.images, seed=args.seed), data)
             cfg1 = _config(args, work, 1)

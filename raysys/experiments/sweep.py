@@ -129,8 +129,8 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysys.train import TrainConfig, fit
-    from raysys.zeroshot import ZeroShotConfig, evaluate_zeroshot
+    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
+    from raysys.pretrain.ray_train import TrainConfig, fit
 
     spec = config["trial"]
     tcfg = rconfig.from_dict(TrainConfig, {**config["pretrain"], **spec["overrides"], "tracking_uri": "none"})
@@ -178,8 +178,8 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
     from ray import tune
 
     from raysys import tracking
-    from raysys.pipeline import PipelineConfig, run_pipeline
-    from raysys.train import TrainConfig, ensure_ray
+    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
+    from raysys.pretrain.ray_train import TrainConfig, ensure_ray
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

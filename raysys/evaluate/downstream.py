@@ -4,7 +4,7 @@
 Why one place: pre-training, zero-shot scoring and every fine-tuning task must feed the encoder
 the same way (`[CLS] text [SEP]` + regions with the 5-d location, the same truncation), or an
 evaluation would measure a layout mismatch instead of the model. Batches are therefore built with
-pre-training's own `raysys.granularity.assemble`.
+pre-training's own `raysys.pretrain.granularities.assemble`.
 
 `base` is the paper's "Base" row: the default backbone (MiniLM unless `model_path` says otherwise)
 with fresh heads drawn from a fixed seed, never pre-trained on V+L data.
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysys.contract import ContractError, read_manifest, region_arrays, shard_files
-from raysys.granularity import Corpus
+from raysys.pretrain.granularities import Corpus
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelSource:
 
 def load_model(src: ModelSource):
     """(model in eval mode, checkpoint extra dict). `base` is rebuilt identically from its seed."""
-    from raysys.model import ModelConfig, build_model, load_checkpoint
+    from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint
 
     if src.is_base:
         cfg = ModelConfig(model_path=src.model_path, num_layers=src.num_layers, feature_dim=src.feature_dim,
@@ -194,7 +194,7 @@ def load_images(root: str | Path, ids: list[str] | None = None, max_regions: int
 
     Regions beyond `max_regions` are dropped, as in pre-training.
     """
-    from raysys.model import location_features
+    from raysys.pretrain.model import location_features
 
     root = Path(root)
     man = read_manifest(root)
@@ -270,8 +270,8 @@ def tokenize(tokenizer, texts: list[str], max_text_len: int) -> list[np.ndarray]
 
 def pair_batch(corpus, tokenizer, token_ids: list[np.ndarray], images: list[int | None]) -> dict[str, Any]:
     """One encoder batch of (text, image) pairs: `images[b]` indexes `corpus` (None = text only)."""
-    from raysys.granularity import Sample, assemble
-    from raysys.objectives import IGNORE
+    from raysys.pretrain.granularities import Sample, assemble
+    from raysys.pretrain.objectives import IGNORE
 
     samples = [Sample(ids, np.full(len(ids), IGNORE, np.int64), image=img) for ids, img in zip(token_ids, images)]
     batch = assemble(samples, corpus, tokenizer)

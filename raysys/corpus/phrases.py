@@ -21,7 +21,7 @@ Here:
 
 Output `phrases/part-i.parquet` covers the pairs of `pairs/part-i.parquet` (all stored ranks;
 join with `pairs` to keep `rank < K`). Shards are written only when complete; a re-run redoes the
-missing ones. Phrase and tag vectors are computed deterministically (see `raysys.embedding`), so
+missing ones. Phrase and tag vectors are computed deterministically (see `raysys.corpus.embedding`), so
 a resumed run writes the same bytes as an uninterrupted one.
 """
 
@@ -48,7 +48,7 @@ from raysys.contract import (
     update_manifest,
     write_parquet_atomic,
 )
-from raysys.embedding import (
+from raysys.corpus.embedding import (
     Embedder,
     actor_resources,
     block_rows_for,
@@ -188,7 +188,7 @@ def extract_phrases(
     data: str | Path, cfg: PhrasesConfig | None = None, on_shard: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
     """Write `phrases/` for every stored pair; resumable per pairs shard. Returns the report."""
-    from raysys.diagnostics import write_report
+    from raysys.corpus.diagnostics import write_report
 
     cfg = cfg or PhrasesConfig()
     data = Path(data)
@@ -280,7 +280,7 @@ def _link_shard(pairs: pa.Table, by_text: dict[str, list[int]], rows: dict[str, 
 
 def phrases_report(data: str | Path, examples: int = 3) -> dict[str, Any]:
     """Counts, link-score distribution, and lexical agreement of links with the linked region's tag."""
-    from raysys.diagnostics import tag_pattern
+    from raysys.corpus.diagnostics import tag_pattern
 
     data = Path(data)
     ph = read_table(data, "phrases")

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from raysys.contract import write_text_atomic
-from raysys.phrases import PhrasesConfig
-from raysys.retrieval import RetrievalConfig
-from raysys.train import TrainConfig, demo_config
-from raysys.world import WorldConfig
-from raysys.zeroshot import ZeroShotConfig, demo_zeroshot_config
+from raysys.corpus.phrases import PhrasesConfig
+from raysys.corpus.retrieval import RetrievalConfig
+from raysys.data.world import WorldConfig
+from raysys.evaluate.zeroshot import ZeroShotConfig, demo_zeroshot_config
+from raysys.pretrain.ray_train import TrainConfig, demo_config
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class PipelineConfig:
 
 def stage_world(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     from raysys.contract import validate_dataset
-    from raysys.world import write_world
+    from raysys.data.world import write_world
 
     data = out / "data"
     if not (data / "manifest.json").exists():
@@ -58,8 +58,8 @@ def _world_figures(data: Path) -> dict[str, Any]:
 
 def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Embed tag queries and texts, top-K sharded FAISS search → data/pairs; summary holds the diagnostics."""
+    from raysys.corpus.retrieval import retrieve
     from raysys.raycluster import ensure_ray
-    from raysys.retrieval import retrieve
 
     ensure_ray()
     summary["retrieval"] = retrieve(out / "data", cfg.retrieval)
@@ -67,7 +67,7 @@ def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> 
 
 def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Noun phrases of the retrieved sentences linked to regions → data/phrases."""
-    from raysys.phrases import extract_phrases
+    from raysys.corpus.phrases import extract_phrases
     from raysys.raycluster import ensure_ray
 
     ensure_ray()
@@ -77,8 +77,8 @@ def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> No
 def stage_pretrain(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Ray Train pre-training (TorchTrainer, DDP) → OUT/train/pretrain/checkpoint-*; the MLflow run
     goes to `pretrain.tracking_uri` (default sqlite:///OUT/mlflow.db). A re-run resumes."""
+    from raysys.pretrain.ray_train import ensure_ray, fit
     from raysys.tracking import describe
-    from raysys.train import ensure_ray, fit
 
     ensure_ray()
     storage = cfg.pretrain.storage or str(out / "train")
@@ -95,7 +95,7 @@ def stage_pretrain(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> N
 def stage_zeroshot(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Zero-shot image<->text retrieval on the gold eval pairs: the pre-trained checkpoint vs `base`
     (same layers, fresh heads); prints a small table, logs into the pre-training MLflow run."""
-    from raysys.zeroshot import zeroshot_stage
+    from raysys.evaluate.zeroshot import zeroshot_stage
 
     summary["zeroshot"] = zeroshot_stage(cfg.zeroshot, out / "data", summary.get("pretrain") or {})
 
@@ -143,7 +143,7 @@ def pipeline_report(summary: dict[str, Any]) -> str:
             lines += [f"MLflow: {pre['mlflow']}", ""]
     zs = summary.get("zeroshot") or {}
     if zs.get("pretrained") and zs.get("base"):
-        from raysys.zeroshot import format_table
+        from raysys.evaluate.zeroshot import format_table
 
         lines += ["## Zero-shot retrieval, pre-trained vs base", "", "```", format_table({k: zs[k] for k in ("pretrained", "base")}),
                   "```", "", f"margin text→image R@5: {_fmt(zs.get('margin_t2i_r5'), 1)} points; "

@@ -29,7 +29,7 @@ BLOCK = 65_536
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysys.bench_embed import DEFAULT_SHARED
+    from raysys.bench.embed import DEFAULT_SHARED
 
     p.add_argument("--n-corpus", type=int, default=1_000_000)
     p.add_argument("--n-queries", type=int, default=100_000)
@@ -57,7 +57,7 @@ def base_embeddings(sents: list[str], cache_dir: str, cpus: int) -> tuple[np.nda
         return np.load(path), True
     import torch
 
-    from raysys.embedding import load_model
+    from raysys.corpus.embedding import load_model
 
     torch.set_num_threads(cpus)
     model = load_model("", "cpu")
@@ -108,8 +108,8 @@ def compare_topk(D0: np.ndarray, I0: np.ndarray, D1: np.ndarray, I1: np.ndarray,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import faiss
 
-    from raysys.bench_embed import real_sentences
-    from raysys.retrieval import ShardedIndex, shard_ranges
+    from raysys.bench.embed import real_sentences
+    from raysys.corpus.retrieval import ShardedIndex, shard_ranges
     from raysys.rss import PeakRSS
 
     cpus = args.cpus or os.cpu_count() or 1

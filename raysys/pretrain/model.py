@@ -18,7 +18,7 @@ which the two segments are concatenated changes nothing; `[regions, sentence]` (
 The backbone is any HF BERT folder loadable by `BertForMaskedLM` (default: the packaged MiniLM).
 The MLM decoder is tied to the word embeddings (BertForMaskedLM does this); the MRC, MRFR and ITM
 heads live here; p-MRTC reuses the MLM decoder. Losses are computed by the objectives of
-`raysys.objectives`, called from `forward` so that under DDP every gradient flows through the
+`raysys.pretrain.objectives`, called from `forward` so that under DDP every gradient flows through the
 wrapped module's forward.
 """
 
@@ -205,7 +205,7 @@ class VLModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pretrained: bool = True, bert_config: dict | None = None):
         super().__init__()
-        from raysys.objectives import build_objectives
+        from raysys.pretrain.objectives import build_objectives
 
         cfg = replace(cfg, pooling=resolve_pooling(cfg.pooling, cfg.model_path))  # checkpoints store the resolved one
         self.cfg = cfg

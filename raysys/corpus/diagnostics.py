@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.contract import read_table, shard_files, write_text_atomic
-from raysys.embedding import distinct_tags, query_string
+from raysys.corpus.embedding import distinct_tags, query_string
 
 log = logging.getLogger(__name__)
 

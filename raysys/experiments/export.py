@@ -36,7 +36,7 @@ def local_model_file(src: str | os.PathLike) -> Iterator[Path]:
     """`model.pt` of a checkpoint given as the file, a Ray Train checkpoint directory, or a URI of
     either (s3://, gs://, … downloaded through Ray Train's `Checkpoint`)."""
     from raysys.contract import ContractError
-    from raysys.train import MODEL_FILE
+    from raysys.pretrain.ray_train import MODEL_FILE
 
     s = str(src)
     if "://" in s and not s.startswith("file://"):
@@ -61,7 +61,7 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, tokenizer:
     from safetensors.torch import save_file
 
     from raysys.config import ConfigError
-    from raysys.model import load_checkpoint, load_tokenizer
+    from raysys.pretrain.model import load_checkpoint, load_tokenizer
 
     with local_model_file(src) as f:
         model, extra = load_checkpoint(f)
@@ -100,7 +100,7 @@ def load_exported(path: str | os.PathLike):
     from safetensors.torch import load_file
 
     from raysys.contract import ContractError
-    from raysys.model import ModelConfig, VLModel
+    from raysys.pretrain.model import ModelConfig, VLModel
 
     path = Path(path)
     meta_path = path / META_FILE
@@ -163,7 +163,7 @@ def compare(src: str | os.PathLike, exported: str | os.PathLike) -> dict[str, fl
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from raysys.model import load_checkpoint
+    from raysys.pretrain.model import load_checkpoint
 
     with local_model_file(src) as f:
         ref, _ = load_checkpoint(f)

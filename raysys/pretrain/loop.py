@@ -30,16 +30,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysys.curriculum import (
+from raysys.pretrain.curriculum import (
     WEIGHTED_GRANULARITIES,
     itm_match_weights,
     make_mixer,
     reduce_term,
     weights_active,
 )
-from raysys.granularity import Corpus, GranularityStream, build_streams, corpus_needs, load_corpus, to_device
-from raysys.model import ModelConfig, VLModel, build_model, load_tokenizer, objective_names, save_checkpoint
-from raysys.recipes import Recipe, resolve
+from raysys.pretrain.granularities import (
+    Corpus,
+    GranularityStream,
+    build_streams,
+    corpus_needs,
+    load_corpus,
+    to_device,
+)
+from raysys.pretrain.model import (
+    ModelConfig,
+    VLModel,
+    build_model,
+    load_tokenizer,
+    objective_names,
+    save_checkpoint,
+)
+from raysys.pretrain.recipes import Recipe, resolve
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +64,9 @@ STANDARD_OBJECTIVES = ("mlm", "mrc", "mrfr", "pmrtc", "itm")
 class PretrainConfig:
     """Every knob of pre-training; Tune addresses them by name (`m`, `granularities`, `k`, …)."""
 
-    recipe: str = "muvla"  # see raysys.recipes: muvla, base, random_pairs, paired_ratio, round_robin, rt+rp, …
+    recipe: str = "muvla"  # see raysys.pretrain.recipes: muvla, base, random_pairs, paired_ratio, round_robin, rt+rp, …
     granularities: list[str] = field(default_factory=lambda: ["rt", "rp", "is"])  # muvla's subset
-    mixing: str = "round_robin"  # round_robin | proportional | joint (raysys.curriculum)
+    mixing: str = "round_robin"  # round_robin | proportional | joint (raysys.pretrain.curriculum)
     m: int = 1  # epoch from which w_ITM weights R-P and I-S (paper: 1)
     w_itm: bool = True  # the §3.4 weighting on/off (Table 4)
     k: int = 5  # use retrieved pairs with rank < k (one top-max(K) retrieval serves a K sweep)
@@ -76,7 +90,7 @@ class PretrainConfig:
     model_layers: int = 0  # keep the first N encoder layers (0 = all)
     dropout: float | None = None  # None = the checkpoint's
     pooling: str = "auto"  # ITM head input: cls | mean | auto (the backbone's own; mean for MiniLM)
-    region_init: str = "random"  # random (paper) | tags: ridge map from region features to tag words (raysys.region_init)
+    region_init: str = "random"  # random (paper) | tags: ridge map from region features to tag words (raysys.pretrain.region_init)
     region_init_ridge: float = 1.0  # λ of that ridge regression
     region_init_max_regions: int = 50000  # seeded sample of tagged regions the fit reads (0 = all)
     extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
@@ -125,7 +139,7 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> Mod
 def check_options(cfg: PretrainConfig) -> None:
     """Fail on the fields no later stage would catch before the first step."""
     from raysys.config import ConfigError
-    from raysys.region_init import REGION_INITS
+    from raysys.pretrain.region_init import REGION_INITS
 
     if cfg.region_init not in REGION_INITS:
         raise ConfigError(f"region_init: {cfg.region_init!r} is not one of {list(REGION_INITS)}")
@@ -152,7 +166,7 @@ def build_pretrain_model(cfg: PretrainConfig, setup: Setup) -> VLModel:
     projection (only when the recipe trains; `base` stays the untouched model)."""
     model = build_model(setup.model_config, seed=cfg.seed)
     if cfg.region_init == "tags" and setup.recipe.update:
-        from raysys.region_init import init_region_projection
+        from raysys.pretrain.region_init import init_region_projection
 
         init_region_projection(model, setup.corpus, setup.tokenizer, cfg.region_init_ridge,
                                cfg.region_init_max_regions, cfg.seed)  # fmt: skip
