@@ -12,7 +12,6 @@ pipeline config. Prints OUT/summary.json as its last line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,20 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 STAGES = ["zeroshot", "report"]  # names in raysys.experiments.pipeline.STAGES
-
-
-def run(args: argparse.Namespace) -> dict | None:
-    return _common.stage_job(args, STAGES)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _common.parser(
-        "jobs/evaluate.py",
-        "Zero-shot image<->text retrieval (R@1/5/10, ITM AUC) of the pre-trained model vs base, on "
-        "the Ray cluster this job is attached to.",
-        out_help="run directory or URI holding OUT/data and the pretrain stage's OUT/summary.json",
-    )
-
+DESCRIPTION = (
+    "Zero-shot image<->text retrieval (R@1/5/10, ITM AUC) of the pre-trained model vs base, on "
+    "the Ray cluster this job is attached to."
+)
+OUT_HELP = "run directory or URI holding OUT/data and the pretrain stage's OUT/summary.json"
 
 if __name__ == "__main__":
-    sys.exit(_common.main(run, build_parser().parse_args()))
+    sys.exit(_common.stage_main("jobs/evaluate.py", DESCRIPTION, out_help=OUT_HELP, stages=STAGES))

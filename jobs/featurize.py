@@ -19,27 +19,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysys import config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-# The library entry this job wraps (issue 3). Change here if the module names it differently.
-MODULE, CONFIG, FUNCTION = "raysys.data.featurize", "FeaturizeConfig", "featurize"
-WHAT = "the featurize stage (raysys.data.featurize.featurize(cfg, images, out) -> report)"
-
 
 def run(args: argparse.Namespace) -> dict | None:
-    config_cls = _common.require(MODULE, CONFIG, WHAT)
-    featurize = _common.require(MODULE, FUNCTION, WHAT)
-    cfg = _common.section_config(config_cls, args.config, args.overrides, "featurize")
+    from raysys.data.featurize import FeaturizeConfig, featurize  # lazy: keeps --help instant
+    from raysys.experiments.rundir import record  # lazy: pyarrow; keeps --help instant
+
+    cfg = config.load_section(FeaturizeConfig, args.config, args.overrides, "featurize")
     if args.dry_run:
         return _common.dry_run(cfg)
-    _common.log.info("ray: %s", _common.connect_ray(args.address))
-    with _common.local_run_dir(args.out) as out:
+
+    def body(out: Path) -> dict:
         report = featurize(cfg, args.images, out / "data")
-        summary = _common.read_summary(out)
-        summary["featurize"] = report
-        _common.write_summary(out, summary)
+        record(out, "featurize", report)
         return report
+
+    return _common.on_cluster(args, body)
 
 
 def build_parser() -> argparse.ArgumentParser:

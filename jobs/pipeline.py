@@ -14,20 +14,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysys import config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict | None:
-    from raysys import config
-    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
+    from raysys.experiments.pipeline import PipelineConfig, run_pipeline  # lazy: keeps --help instant
 
     cfg = config.load(PipelineConfig, args.config, args.overrides)
     if args.dry_run:
         return _common.dry_run(cfg)
-    _common.log.info("ray: %s", _common.connect_ray(args.address))
-    with _common.local_run_dir(args.out) as out:
-        return run_pipeline(cfg, out)
+    return _common.on_cluster(args, lambda out: run_pipeline(cfg, out))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ the latest checkpoint. Prints OUT/summary.json as its last line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,20 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 STAGES = ["pretrain"]  # names in raysys.experiments.pipeline.STAGES
-
-
-def run(args: argparse.Namespace) -> dict | None:
-    return _common.stage_job(args, STAGES)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _common.parser(
-        "jobs/pretrain.py",
-        "Pre-train the single-stream model on Ray Train (R-T / R-P / I-S with the w_ITM curriculum) "
-        "on the Ray cluster this job is attached to.",
-        out_help="run directory or URI holding the dataset in OUT/data",
-    )
-
+DESCRIPTION = (
+    "Pre-train the single-stream model on Ray Train (R-T / R-P / I-S with the w_ITM curriculum) "
+    "on the Ray cluster this job is attached to."
+)
+OUT_HELP = "run directory or URI holding the dataset in OUT/data"
 
 if __name__ == "__main__":
-    sys.exit(_common.main(run, build_parser().parse_args()))
+    sys.exit(_common.stage_main("jobs/pretrain.py", DESCRIPTION, out_help=OUT_HELP, stages=STAGES))

@@ -13,7 +13,6 @@ line. `--stages retrieval` runs one of the two.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,24 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 STAGES = ["retrieval", "phrases"]  # names in raysys.experiments.pipeline.STAGES
-
-
-def run(args: argparse.Namespace) -> dict | None:
-    return _common.stage_job(args, args.stages)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _common.parser(
-        "jobs/retrieve.py",
-        "Embed, retrieve top-K sentences per image (sharded FAISS) and extract linked noun phrases, "
-        "on the Ray cluster this job is attached to.",
-        out_help="run directory or URI holding the dataset in OUT/data",
-    )
-    p.add_argument(
-        "--stages", nargs="+", choices=STAGES, default=STAGES, help="stages to run (default: both)"
-    )
-    return p
-
+DESCRIPTION = (
+    "Embed, retrieve top-K sentences per image (sharded FAISS) and extract linked noun phrases, "
+    "on the Ray cluster this job is attached to."
+)
+OUT_HELP = "run directory or URI holding the dataset in OUT/data"
 
 if __name__ == "__main__":
-    sys.exit(_common.main(run, build_parser().parse_args()))
+    sys.exit(_common.stage_main("jobs/retrieve.py", DESCRIPTION, out_help=OUT_HELP, stages=STAGES, choose=True))

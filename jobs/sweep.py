@@ -17,25 +17,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysys import config
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-# The library entry this job wraps (issue 8). Change here if the module names it differently.
-MODULE, CONFIG, FUNCTION = "raysys.experiments.sweep", "SweepConfig", "run_sweep"
-WHAT = "the sweep (raysys.experiments.sweep.run_sweep(cfg, out) -> result)"
-
 
 def run(args: argparse.Namespace) -> dict | None:
-    from raysys import config
+    from raysys.experiments.sweep import SweepConfig, dry_run, run_sweep  # lazy: keeps --help instant
 
-    config_cls = _common.require(MODULE, CONFIG, WHAT)
-    run_sweep = _common.require(MODULE, FUNCTION, WHAT)
-    cfg = config.load(config_cls, args.config, args.overrides)
+    cfg = config.load(SweepConfig, args.config, args.overrides)
     if args.dry_run:
-        return _common.dry_run(cfg)
-    _common.log.info("ray: %s", _common.connect_ray(args.address))
-    with _common.local_run_dir(args.out) as out:
-        return run_sweep(cfg, out)
+        return _common.dry_run(cfg, dry_run(cfg))
+    return _common.on_cluster(args, lambda out: run_sweep(cfg, out))
 
 
 def build_parser() -> argparse.ArgumentParser:

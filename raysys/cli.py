@@ -11,7 +11,6 @@ import logging
 import sys
 
 from raysys.config import ConfigError
-from raysys.contract import ContractError
 from raysys.env import apply_offline_env
 from raysys.plugins import load_plugins
 
@@ -29,8 +28,6 @@ COMMAND_MODULES = [
     "raysys.commands.demo",
     "raysys.commands.bench",
 ]
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_plugins(args.plugin)
         rc = args.func(args)
-    except (ContractError, ConfigError) as e:
+    except ValueError as e:  # ConfigError and ContractError are ValueErrors
+        from raysys.contract import ContractError  # lazy: numpy + pyarrow would slow raysys --help
+
+        if not isinstance(e, (ConfigError, ContractError)):
+            raise
         print(f"raysys: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

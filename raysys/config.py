@@ -150,6 +150,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     return from_dict(cls, apply_overrides(data, overrides))
 
 
+def load_section(
+    cls: type[T], path: str | Path | None, overrides: list[str] | None, section: str, flags: dict[str, Any] | None = None
+) -> T:
+    """Load `cls` from the `section:` of a YAML file, or from its top level when it has no such
+    section; `flags` (command-line options, None = not given) are set next, overrides last and
+    relative to that section. One rule, so that one file and one override list mean the same
+    thing to `raysys world` / `raysys featurize` and to `jobs/featurize.py`."""
+    data = load_yaml(path)
+    if isinstance(data.get(section), dict):
+        data = data[section]
+    data.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """`{"a": {"b": 1}}` -> `{"a.b": 1}`: how params go to MLflow and Tune."""
     out: dict[str, Any] = {}

@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from raysys import config as rconfig
+
 log = logging.getLogger(__name__)
 
 LINK_TAG = "raysys.link"  # the tag a re-run uses to find its run again
@@ -104,8 +106,6 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def config_params(cfg: Any, prefix: str = "") -> dict[str, str]:
     """A typed config (dataclass) or a dict, flattened for `log_params`."""
-    from raysys import config as rconfig
-
     d = rconfig.to_dict(cfg)
     return flatten_params(d, prefix)
 
@@ -114,7 +114,7 @@ def config_params(cfg: Any, prefix: str = "") -> dict[str, str]:
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: seconds to import; tracking_uri=none never pays
 
     return MlflowClient(tracking_uri=uri)
 
@@ -158,7 +158,7 @@ def start_run(
     Params of a reopened run are only added, never changed (MLflow forbids changing a param):
     keys that already hold another value are kept and the difference is logged as a warning.
     """
-    from mlflow.entities import RunStatus
+    from mlflow.entities import RunStatus  # lazy: see client()
 
     c = client(uri)
     root = sqlite_dir(uri)
@@ -182,7 +182,7 @@ def start_run(
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # lazy: see client()
 
     c = client(uri)
     items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -191,7 +191,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def log_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # lazy: see client()
 
     c = client(uri)
     items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -229,7 +229,7 @@ class MetricBuffer:
         self._client = None
 
     def add(self, metrics: Mapping[str, Any], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: see client()
 
         ts = int(time.time() * 1000)
         for k, v in metrics.items():

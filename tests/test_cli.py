@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from raysys import config
-from raysys.cli import build_parser
+from raysys.cli import build_parser, main
 from raysys.data.world import WorldConfig
 from raysys.experiments.pipeline import PipelineConfig
 
@@ -39,7 +39,7 @@ def test_config_overrides_are_typed():
         config.from_dict(WorldConfig, {"images": "many"})
     assert config.flatten(config.to_dict(cfg))["world.images"] == 10
     # YAML 1.1 reads `2e-4` (no dot) as a string: a float field still takes it
-    from raysys.pretrain.loop import PretrainConfig
+    from raysys.pretrain.config import PretrainConfig
 
     assert config.from_dict(PretrainConfig, config.apply_overrides({}, ["lr=2e-4"])).lr == 2e-4
     with pytest.raises(config.ConfigError, match="expected a number"):
@@ -70,3 +70,15 @@ def test_world_cli_and_bad_override(tmp_path):
     r = _cli("world", "--out", tmp_path / "x", "nosuchkey=1")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nosuchkey" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_pretrain_k_above_retrieval_k_fails_at_config_time(capsys):
+    """K is owned by retrieval: a pipeline that would pre-train on ranks retrieval never kept stops
+    when its config is loaded, before anything runs (also under --dry-run), in one line."""
+    assert main(["demo", "--dry-run", "pretrain.k=10", "retrieval.k=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raysys: error: pretrain.k=10 exceeds retrieval.k=5: pre-training can only use pairs that retrieval kept"]
+    assert main(["demo", "--dry-run", "pretrain.k=10", "retrieval.k=10"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["pretrain"]["k"] == 10
+    with pytest.raises(config.ConfigError, match=r"^pretrain.k=6 exceeds retrieval.k=5: "):
+        config.from_dict(PipelineConfig, {"pretrain": {"k": 6}})

@@ -5,7 +5,6 @@ tests/test_job_submit.py). The launcher configs go through Ray's own `prepare_co
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from raysys.env import CLUSTER_ENV_KEYS, OFFLINE_ENV
+from raysys.experiments.rundir import local_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -45,13 +45,6 @@ def start_options() -> set[str]:
 
 def commands(cfg: dict, key: str) -> str:
     return "\n".join(cfg.get(key) or [])
-
-
-def job_common():
-    spec = importlib.util.spec_from_file_location("jobs_common", JOBS / "_common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---------------------------------------------------------------- cluster launcher files
@@ -277,24 +270,34 @@ def test_entrypoint_config_errors_are_one_line():
     assert lines[-1].startswith("jobs/retrieve.py: error:") and "no_such_key" in lines[-1], r.stderr
 
 
-def test_missing_parts_fail_with_a_clear_message():
-    c = job_common()
-    with pytest.raises(c.JobError, match=r"module raysys\.no_such_stage does not exist"):
-        c.require("raysys.no_such_stage", "run", "the imaginary stage")
-    with pytest.raises(c.JobError, match=r"has no `no_such_function`"):
-        c.require("raysys.experiments.pipeline", "no_such_function", "the imaginary stage")
-    with pytest.raises(c.JobError, match=r"\['no_such_stage'\] are not in raysys\.experiments\.pipeline\.STAGES"):
-        c.pipeline_stages(["world", "no_such_stage"])
+def test_sweep_job_dry_run_is_the_sweep_commands():
+    """`jobs/sweep.py --dry-run` and `raysys sweep --dry-run` print the same config and trial list."""
+    cfg = ("--config", "configs/demo_sweep.yaml")
+    job = run_job("jobs/sweep.py", *cfg, "--out", "unused", "--dry-run", "seeds=[0, 1]")
+    cli = run_job("-m", "raysys", "sweep", *cfg, "--dry-run", "seeds=[0, 1]")
+    assert job.returncode == 0 and cli.returncode == 0, job.stderr + cli.stderr
+    assert job.stdout == cli.stdout and "# trial 015-" in job.stdout
+
+
+def test_missing_parts_fail_with_a_clear_message(tmp_path):
+    """The stage jobs' `run_pipeline` names an unknown stage, or an OUT without a dataset, in one line."""
+    from raysys.config import ConfigError
+    from raysys.experiments.pipeline import PipelineConfig, check_stages, run_pipeline
+
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['no_such_stage'\]; known: \['world', "):
+        check_stages(["world", "no_such_stage"])
+    with pytest.raises(ConfigError, match=r"empty/data: no dataset here \(manifest.json missing\)"):
+        run_pipeline(PipelineConfig(), tmp_path / "empty", stages=["pretrain"])
+    assert not (tmp_path / "empty").exists()
 
 
 def test_uri_out_is_staged_through_pyarrow_filesystems(tmp_path):
     """--out s3://… / gs://… work like this file:// URI: download, run locally, upload (also on failure)."""
-    c = job_common()
     remote = tmp_path / "bucket" / "run"
     (remote / "data").mkdir(parents=True)
     (remote / "data" / "earlier.txt").write_text("from an earlier stage")
     uri = remote.as_uri()
-    with c.local_run_dir(uri) as local:
+    with local_run_dir(uri) as local:
         assert local != remote and (local / "data" / "earlier.txt").read_text() == "from an earlier stage"
         (local / "data" / "new.txt").write_text("written by this stage")
         (local / "summary.json").write_text(f'{{"world": {{"data": "{local}/data"}}}}')
@@ -303,13 +306,12 @@ def test_uri_out_is_staged_through_pyarrow_filesystems(tmp_path):
     assert str(scratch) not in (remote / "summary.json").read_text()
     assert uri in (remote / "summary.json").read_text()
     assert not scratch.exists()
-    with pytest.raises(RuntimeError, match="stage died"), c.local_run_dir(uri) as local:
+    with pytest.raises(RuntimeError, match="stage died"), local_run_dir(uri) as local:
         (local / "partial.txt").write_text("partial shard")
         raise RuntimeError("stage died")
     assert (remote / "partial.txt").exists(), "partial output must be uploaded for the resume"
 
 
 def test_local_paths_pass_through(tmp_path):
-    c = job_common()
-    with c.local_run_dir(str(tmp_path / "x")) as local:
+    with local_run_dir(str(tmp_path / "x")) as local:
         assert local == tmp_path / "x" and local.is_dir()

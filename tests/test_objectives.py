@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
 from raysys.config import ConfigError
+from raysys.pretrain.config import PretrainConfig
 from raysys.pretrain.curriculum import MIXERS, itm_match_weights, make_mixer, reduce_term
 from raysys.pretrain.granularities import (
     Corpus,
@@ -27,7 +28,7 @@ from raysys.pretrain.granularities import (
     load_corpus,
     tokens_in_span,
 )
-from raysys.pretrain.loop import PretrainConfig, make_step, model_config, prepare
+from raysys.pretrain.loop import make_step, model_config, prepare
 from raysys.pretrain.model import load_tokenizer
 from raysys.pretrain.objectives import IGNORE, OBJECTIVES, Objective, ObjectiveOutput, register
 from raysys.pretrain.recipes import RECIPES, resolve
@@ -295,7 +296,7 @@ def test_curriculum_loss_and_no_grad_through_weight(tiny_data, tiny_bert):
     probability (negatives 1), R-T unweighted; the ITM head gets no gradient from the weighting."""
     cfg = PretrainConfig(model_path=str(tiny_bert), dropout=0.0, m=1, batch_size=8)
     setup = prepare(cfg, tiny_data)
-    from raysys.pretrain.loop import match_weights
+    from raysys.pretrain.curriculum import match_weights
     from raysys.pretrain.model import build_model
 
     model = build_model(setup.model_config, seed=0)

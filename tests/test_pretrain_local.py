@@ -23,7 +23,8 @@ from _pretrain_fixtures import copy_world_with_stand_ins
 
 from raysys.cli import main
 from raysys.contract import shard_files
-from raysys.pretrain.loop import PretrainConfig, train_local
+from raysys.pretrain.config import PretrainConfig
+from raysys.pretrain.loop import train_local
 
 FAST = ["model_layers=1", "batch_size=8", "log_every=5", "max_text_len=32"]
 

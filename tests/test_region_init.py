@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raysys.config import ConfigError
-from raysys.pretrain.loop import PretrainConfig, build_pretrain_model, prepare
+from raysys.pretrain.config import PretrainConfig
+from raysys.pretrain.loop import build_pretrain_model, prepare
 from raysys.pretrain.region_init import fit_tag_projection, tag_targets
 
 

@@ -29,6 +29,7 @@ from raysys.contract import (
     write_parquet_atomic,
 )
 from raysys.corpus.embedding import EmbedConfig, distinct_tags, query_string
+from raysys.corpus.index import IndexOptions
 from raysys.corpus.retrieval import (
     RetrievalConfig,
     ShardIndex,
@@ -89,6 +90,19 @@ def test_query_string_orders_by_score_and_optionally_dedups():
         query_string(["dog"], None, "sorted")
 
 
+def test_closed_config_sets_are_checked_when_the_config_loads():
+    from raysys import config
+    from raysys.config import ConfigError
+
+    cfg = config.load(RetrievalConfig, None, ["embed.query=distinct", "index=IVF8,Flat", "nprobe=3"])
+    assert cfg.backend == "faiss" and cfg.embed.query == "distinct"
+    assert cfg.index_options() == IndexOptions("IVF8,Flat", 3, cfg.train_size, cfg.seed, cfg.threads_per_shard)
+    with pytest.raises(ConfigError, match="embed.query: 'sorted' is not one of"):
+        config.load(RetrievalConfig, None, ["embed.query=sorted"])
+    with pytest.raises(ConfigError, match="unknown index backend 'annoy'"):
+        RetrievalConfig(backend="annoy").check()
+
+
 def test_merge_topk_is_exact_with_ties():
     rng = np.random.default_rng(0)
     n, d, k = 3000, 16, 10
@@ -123,18 +137,18 @@ def test_approximate_factories_train_on_a_sample_and_find_neighbours(factory):
     label = rng.integers(20, size=4000)
     x = centres[label] + 0.1 * rng.standard_normal((4000, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    s = ShardIndex(lambda: x, 1000, factory, nprobe=4, train_size=2000, seed=0)
+    s = ShardIndex(lambda: x, 1000, IndexOptions(factory, nprobe=4, train_size=2000, seed=0))
     D, ix = s.search(x[:100], 5)
     assert (ix >= 1000).all()  # global rows = local + offset
     same_cluster = (label[ix - 1000] == label[:100, None]).mean()
     assert same_cluster > 0.95, (factory, same_cluster)
     if "IVF" in factory:
-        assert faiss.extract_index_ivf(s.index).nprobe == 4  # set through PCA / refine wrappers too
+        assert faiss.extract_index_ivf(s.index.faiss).nprobe == 4  # set through PCA / refine wrappers too
 
 
 def test_bad_index_string_is_a_config_error():
     from raysys.config import ConfigError
-    from raysys.corpus.retrieval import check_factory
+    from raysys.corpus.index import check_factory
 
     with pytest.raises(ConfigError, match="not a FAISS index_factory string"):
         check_factory("NoSuchIndex", 8, 1000)

@@ -16,9 +16,11 @@ import mlflow
 import pytest
 
 from raysys import config
+from raysys.cli import main
 from raysys.config import ConfigError
+from raysys.contract import update_manifest
 from raysys.experiments.report import write_report
-from raysys.experiments.sweep import SweepConfig, trial_specs
+from raysys.experiments.sweep import SweepConfig, data_config, trial_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,38 @@ def test_trial_specs_axes_and_grid():
     assert pr[1]["overrides"] == {"recipe": "paired_ratio", "paired_ratio": 0.5, "seed": 0}
     with pytest.raises(ConfigError, match="unknown axis"):
         trial_specs(SweepConfig(axes={"lr": [1]}))
+
+
+def test_enum_fields_take_only_their_values():
+    """Closed sets are `Literal` fields: a bad value is a one-line ConfigError listing the allowed ones."""
+    for key, bad, allowed in [("mode", "cartesian", ["axes", "grid"]), ("search", "bayes", ["grid", "random"]),
+                              ("scheduler", "pbt", ["none", "asha"])]:  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            config.load(SweepConfig, ROOT / "configs" / "demo_sweep.yaml", [f"{key}={bad}"])
+        assert str(e.value) == f"{key}: {bad!r} is not one of {allowed}"
+    assert config.load(SweepConfig, None, ["mode=grid", "search=random", "scheduler=asha"]).scheduler == "asha"
+
+
+def test_sweep_k_above_what_retrieval_keeps_fails_at_config_time(tmp_path, capsys):
+    """The sweep retrieves once, at the largest k its trials use; a trial's k above what retrieval
+    keeps (an explicit pipeline.retrieval.k, an existing dataset's stored retrieval) stops the
+    sweep when its config is loaded, under --dry-run too, with one line naming both keys."""
+    sweep = ["sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"), "--dry-run"]
+    tail = ": pre-training can only use pairs that retrieval kept"
+    assert main([*sweep, "pipeline.retrieval.k=5"]) == 2  # the K axis goes to 10
+    assert capsys.readouterr().err.strip().splitlines() == [f"raysys: error: axes.K=10 exceeds pipeline.retrieval.k=5{tail}"]
+    assert main([*sweep, "axes={m: [0, 1]}", "pretrain.k=8", "pipeline.retrieval.k=5"]) == 2
+    assert capsys.readouterr().err.strip() == f"raysys: error: pretrain.k=8 exceeds pipeline.retrieval.k=5{tail}"
+    data = tmp_path / "data"
+    update_manifest(data, "retrieval", provenance={"k": 5, "k_stored": 5})
+    assert main([*sweep, f"data={data}"]) == 2
+    assert capsys.readouterr().err.strip() == f"raysys: error: axes.K=10 exceeds {data}/manifest.json retrieval k_stored=5{tail}"
+    # the sweep's own retrieval (no explicit k) serves every trial: max of the K axis and pretrain.k
+    assert main([*sweep, "pretrain.k=12"]) == 0 and "# trial 000-K-1-s0" in capsys.readouterr().out
+    assert main([*sweep, "axes={K: [1, 5]}", f"data={data}"]) == 0
+    # the sweep's own data stages retrieve at the trials' largest k, also below the pipeline's default k
+    small = config.load(SweepConfig, None, ["axes={m: [0, 1]}", "pretrain.k=2"])
+    assert data_config(small).retrieval.k == 2 and data_config(config.load(SweepConfig)).retrieval.k == 10
 
 
 def _fake_sweep_store(uri: str) -> None:

@@ -24,7 +24,8 @@ import pytest
 import torch
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
-from raysys.pretrain.ray_train import Plan, TrainConfig
+from raysys.pretrain.config import TrainConfig
+from raysys.pretrain.loop import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12  # 2 epochs × 6
@@ -242,8 +243,7 @@ def test_one_rank_step_is_the_local_loop(tiny):
     """The Ray Train loop's step (`Trainee.step`) is issue 5's local loop, step for step."""
     import numpy as np
 
-    from raysys.pretrain.loop import prepare, train_local
-    from raysys.pretrain.ray_train import make_trainee
+    from raysys.pretrain.loop import make_trainee, prepare, train_local
 
     data, bert, _ = tiny
     cfg = replace(tiny_config(bert), threads=1, steps=8)  # same schedule length on both sides

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # <repo>/../shared/data
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,12 +66,22 @@ def real_sentences(n: int, shared: str | os.PathLike, skip: int = 0) -> tuple[li
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-    import pyarrow as pa
+    import numpy as np  # lazy: keeps raysys --help fast
+    import pyarrow as pa  # lazy: keeps raysys --help fast
 
-    from raysys.contract import TEXTS_SCHEMA, shard_name, write_parquet_atomic
-    from raysys.corpus.embedding import EmbedConfig, embed, encode_deterministic, load_model, read_embeddings
-    from raysys.rss import PeakRSS
+    from raysys.contract import (  # lazy: keeps raysys --help fast
+        TEXTS_SCHEMA,
+        shard_name,
+        write_parquet_atomic,
+    )
+    from raysys.corpus.embedding import (  # lazy: keeps raysys --help fast
+        EmbedConfig,
+        embed,
+        encode_deterministic,
+        load_model,
+        read_embeddings,
+    )
+    from raysys.rss import PeakRSS  # lazy: keeps raysys --help fast
 
     cpus = args.cpus or os.cpu_count() or 1
     sentences, what = real_sentences(args.n, args.shared)
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "embed", "data": what, "n": len(sentences), "cpus": cpus}
     with PeakRSS() as total:
         # Baseline: bare encode loop in this process, all CPUs as torch threads, model load excluded.
-        import torch
+        import torch  # lazy: keeps raysys --help fast
 
         torch.set_num_threads(cpus)
         model = load_model("", "cpu")
@@ -105,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         det = encode_deterministic(model, sentences[:512], args.batch_size)
         del model
 
-        import ray
+        import ray  # lazy: keeps raysys --help fast
 
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20,
                  _temp_dir=os.environ.get("RAYSYS_RAY_TMP", "/tmp/raysys-bench"))  # fmt: skip

@@ -18,11 +18,14 @@ import csv
 import os
 import re
 import resource
+import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from raysys import config
 
 # Caption words per tag: the word and its plural. "person" is rare in captions (they say man,
 # woman, child...), so a broad variant is reported beside the strict one.
@@ -41,7 +44,7 @@ TAG_WORDS: dict[str, tuple[str, list[str]]] = {
 
 
 def _default_flickr() -> Path:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return Path(os.environ.get("RAYSYS_SHARED", root.parent / "shared")) / "data" / "flickr8k"
 
 
@@ -68,14 +71,14 @@ class TreeRSS:
     so this is an upper bound."""
 
     def __init__(self, interval: float = 0.2):
-        import psutil
+        import psutil  # lazy: `raysys bench` imports this module at raysys --help
 
         self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
         self.peak_procs = 0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> int:
-        import psutil
+        import psutil  # lazy: `raysys bench` imports this module at raysys --help
 
         total, n = 0, 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
@@ -124,7 +127,7 @@ def tag_quality(dataset: str | os.PathLike, captions: dict[str, list[str]], spli
     """For each tag word: among images whose captions mention it, the share tagged with it by the
     detector (recall-like), and among images whose captions never mention it, the share tagged
     with it anyway (false-tag rate). Only images of split `which` that have captions count."""
-    from raysys.contract import read_table
+    from raysys.contract import read_table  # lazy: `raysys bench` imports this module at raysys --help
 
     t = read_table(dataset, "images", columns=["image_id", "tags", "class_ids"])
     tagged: dict[str, set[str]] = {}
@@ -160,9 +163,9 @@ def format_quality(q: dict[str, Any], title: str) -> str:
 
 
 def compare_outputs(a: Path, b: Path) -> dict[str, Any]:
-    import numpy as np
+    import numpy as np  # lazy: `raysys bench` imports this module at raysys --help
 
-    from raysys.contract import read_table, region_arrays
+    from raysys.contract import read_table, region_arrays  # lazy: see tag_quality
 
     ta = read_table(a, "images").sort_by("image_id")
     tb = read_table(b, "images").sort_by("image_id")
@@ -177,11 +180,10 @@ def compare_outputs(a: Path, b: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
+    import ray  # lazy: `raysys bench` imports this module at raysys --help
 
-    from raysys import config
-    from raysys.data.featurize import FeaturizeConfig, featurize, list_inputs
-    from raysys.raycluster import ensure_ray
+    from raysys.data.featurize import FeaturizeConfig, featurize, list_inputs  # lazy: as ray, above
+    from raysys.raycluster import ensure_ray  # lazy: `raysys bench` imports this module at raysys --help
 
     cfg = config.from_dict(FeaturizeConfig, config.apply_overrides({}, args.overrides))
     if args.actors:
@@ -196,13 +198,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_base, out_ray = work / "baseline", work / "ray"
     for d in (out_base, out_ray):
         if d.exists():
-            import shutil
-
             shutil.rmtree(d)
     cfg.shard_size = max(cfg.shard_size, 1)
 
-    import cv2
-    import torch
+    import cv2  # lazy: `raysys bench` imports this module at raysys --help
+    import torch  # lazy: `raysys bench` imports this module at raysys --help
 
     if args.baseline_threads:
         torch.set_num_threads(args.baseline_threads)
@@ -270,7 +270,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"peak RSS {result['peak_rss_mb']} MB over {result['peak_rss_processes']} processes"
     )
     if not args.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return result

@@ -29,7 +29,7 @@ BLOCK = 65_536
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from raysys.bench.embed import DEFAULT_SHARED
+    from raysys.bench.embed import DEFAULT_SHARED  # lazy: keeps raysys --help fast
 
     p.add_argument("--n-corpus", type=int, default=1_000_000)
     p.add_argument("--n-queries", type=int, default=100_000)
@@ -55,9 +55,9 @@ def base_embeddings(sents: list[str], cache_dir: str, cpus: int) -> tuple[np.nda
     path = Path(cache_dir) / f"bench-retrieve-{key}.npy" if cache_dir else None
     if path is not None and path.exists():
         return np.load(path), True
-    import torch
+    import torch  # lazy: keeps raysys --help fast
 
-    from raysys.corpus.embedding import load_model
+    from raysys.corpus.embedding import load_model  # lazy: keeps raysys --help fast
 
     torch.set_num_threads(cpus)
     model = load_model("", "cpu")
@@ -106,11 +106,12 @@ def compare_topk(D0: np.ndarray, I0: np.ndarray, D1: np.ndarray, I1: np.ndarray,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import faiss
+    import faiss  # lazy: keeps raysys --help fast
 
-    from raysys.bench.embed import real_sentences
-    from raysys.corpus.retrieval import ShardedIndex, shard_ranges
-    from raysys.rss import PeakRSS
+    from raysys.bench.embed import real_sentences  # lazy: keeps raysys --help fast
+    from raysys.corpus.index import IndexOptions  # lazy: keeps raysys --help fast
+    from raysys.corpus.retrieval import ShardedIndex, shard_ranges  # lazy: keeps raysys --help fast
+    from raysys.rss import PeakRSS  # lazy: keeps raysys --help fast
 
     cpus = args.cpus or os.cpu_count() or 1
     result: dict[str, Any] = {"bench": "retrieve", "n_corpus": args.n_corpus, "n_queries": args.n_queries, "k": args.k,
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_single = time.perf_counter() - t0
         del single
 
-        import ray
+        import ray  # lazy: keeps raysys --help fast
 
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 2**20,
                  _temp_dir=os.environ.get("RAYSYS_RAY_TMP", "/tmp/raysys-bench"))  # fmt: skip
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             # 2. sharded exact: one Flat index per Ray actor, exact merge
             t0 = time.perf_counter()
-            exact = ShardedIndex(loaders, ranges, "Flat", threads=threads, cpus_per_shard=min(1.0, cpus / args.shards / 2), gpu=False)
+            exact = ShardedIndex(loaders, ranges, IndexOptions("Flat", threads=threads),
+                                 cpus_per_shard=min(1.0, cpus / args.shards / 2), gpu=False)  # fmt: skip
             t_build = time.perf_counter() - t0
             t0 = time.perf_counter()
             D1, I1 = exact.search(Q, args.k, args.query_batch)
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             # 3. the IVF option, same shards
             t0 = time.perf_counter()
-            ivf = ShardedIndex(loaders, ranges, args.ivf, args.nprobe, args.train_size, args.seed, threads=threads,
+            ivf = ShardedIndex(loaders, ranges, IndexOptions(args.ivf, args.nprobe, args.train_size, args.seed, threads),
                                cpus_per_shard=min(1.0, cpus / args.shards / 2), gpu=False)  # fmt: skip
             t_ivf_build = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Pre-training: Ray Train (1 worker) vs a plain single-process PyTorch loop, + 2-worker throughput.
 
-Both sides run the *same* optimiser step (`raysys.pretrain.ray_train.Trainee.step`: the same model, seed,
+Both sides run the *same* optimiser step (`raysys.pretrain.loop.Trainee.step`: the same model, seed,
 batches, AdamW schedule, threads and precision) for the same number of steps in this run; only
 the harness differs — a `for` loop in one plain process (a child in a session of its own, see
 `plain_loop_in_own_session`), or Ray Train's `TorchTrainer` with one worker (its controller,
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, work: Path, workers: int):
-    from raysys.pretrain.ray_train import TrainConfig
+    from raysys.pretrain.config import TrainConfig
 
     return TrainConfig(
         recipe=args.recipe, batch_size=args.batch_size, steps=args.steps, steps_per_epoch=args.steps,
@@ -78,8 +78,8 @@ def plain_loop(cfg, data: Path, warmup: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from raysys.pretrain.loop import pick_device, prepare
-    from raysys.pretrain.ray_train import make_trainee, set_threads
+    from raysys.pretrain.loop import make_trainee, pick_device, prepare
+    from raysys.pretrain.ray_train import set_threads
 
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
@@ -126,7 +126,7 @@ def _count_flops(tr, step: int) -> float:
     probe = copy.copy(tr)
     probe.module = copy.deepcopy(tr.module)
     probe.model = probe.module
-    probe.opt = probe.sched = None  # forward/backward only: no parameter update on the copy
+    probe.optim = None  # forward/backward only: no parameter update on the copy
     rng = torch.cuda.get_rng_state_all(), torch.get_rng_state()
     with FlopCounterMode(display=False) as fc:
         _probe_step(probe, step)

@@ -27,7 +27,7 @@ from typing import Any
 
 
 def _default_flickr() -> Path:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return Path(os.environ.get("RAYSYS_SHARED", root.parent / "shared")) / "data" / "flickr8k"
 
 
@@ -58,11 +58,11 @@ def _splits(flickr: Path) -> dict[str, list[str]]:
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
     """WORK/train (train photos + shuffled train captions) and WORK/eval (dev photos + dev gold)."""
-    import numpy as np
+    import numpy as np  # lazy: keeps raysys --help fast
 
-    from raysys.contract import shard_files
-    from raysys.data.featurize import FeaturizeConfig, featurize
-    from raysys.data.importers import import_texts
+    from raysys.contract import shard_files  # lazy: keeps raysys --help fast
+    from raysys.data.featurize import FeaturizeConfig, featurize  # lazy: keeps raysys --help fast
+    from raysys.data.importers import import_texts  # lazy: keeps raysys --help fast
 
     flickr, work = Path(args.flickr), Path(args.work)
     splits = _splits(flickr)
@@ -96,12 +96,15 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, float]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from raysys.corpus.phrases import extract_phrases
-    from raysys.corpus.retrieval import retrieve
-    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table
-    from raysys.pretrain.loop import PretrainConfig, train_local
-    from raysys.raycluster import ensure_ray
-    from raysys.rss import PeakRSS
+    import ray  # lazy: keeps raysys --help fast
+
+    from raysys.corpus.phrases import extract_phrases  # lazy: keeps raysys --help fast
+    from raysys.corpus.retrieval import retrieve  # lazy: keeps raysys --help fast
+    from raysys.evaluate import zeroshot  # lazy: keeps raysys --help fast
+    from raysys.pretrain.config import PretrainConfig  # lazy: keeps raysys --help fast
+    from raysys.pretrain.loop import train_local  # lazy: keeps raysys --help fast
+    from raysys.raycluster import ensure_ray  # lazy: keeps raysys --help fast
+    from raysys.rss import PeakRSS  # lazy: keeps raysys --help fast
 
     t0 = time.perf_counter()
     with PeakRSS() as mem:
@@ -117,20 +120,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   lr=args.lr, steps=args.steps, seed=args.seed, log_every=25)  # fmt: skip
             pre = train_local(pcfg, train, out=Path(args.work) / f"model_{args.recipe}_{args.steps}_{args.layers}")
             times["pretrain_s"] = round(time.perf_counter() - t, 1)
-            zc = ZeroShotConfig(split="dev", coarse="none" if args.full else "tags", coarse_top_n=args.coarse_top_n,
+            zc = zeroshot.ZeroShotConfig(split="dev", coarse="none" if args.full else "tags", coarse_top_n=args.coarse_top_n,
                                 base_layers=args.layers, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                                 seed=args.seed, mlflow=False)  # fmt: skip
             rows = {}
             for name, ck in (("pretrained", pre["checkpoint"]), ("base", "base")):
                 t = time.perf_counter()
-                rows[name] = evaluate_zeroshot(ck, evald, zc)
+                rows[name] = zeroshot.evaluate_zeroshot(ck, evald, zc)
                 times[f"zeroshot_{name}_s"] = round(time.perf_counter() - t, 1)
         finally:
             if started:
-                import ray
-
                 ray.shutdown()
-    print(format_table(rows))
+    print(zeroshot.format_table(rows))
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "itm_auc", "r_mean", "i2t_median_rank",
             "t2i_median_rank", "coarse_i2t_recall", "coarse_t2i_recall", "pairs_per_s", "n_pairs_scored")  # fmt: skip
     p, b = rows["pretrained"], rows["base"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 
 # name -> module with `add_arguments(parser)` and `run(args) -> dict`
 BENCHES: dict[str, str] = {
@@ -13,6 +14,7 @@ BENCHES: dict[str, str] = {
     "retrieve": "raysys.bench.retrieve",
     "train": "raysys.bench.train",
     "zeroshot-flickr8k": "raysys.bench.zeroshot",
+    "device": "raysys.bench.device",
 }
 
 
@@ -28,8 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(module, args) -> int:
-    import json
-
     result = module.run(args)
     print(json.dumps(result))
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from raysys import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,16 +18,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys import config
-    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
+    from raysys.experiments.pipeline import PipelineConfig, run_pipeline  # lazy: keeps raysys --help fast
+    from raysys.experiments.rundir import local_run_dir  # lazy: keeps raysys --help fast
 
     cfg = config.load(PipelineConfig, args.config, args.overrides)
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
-    summary = run_pipeline(cfg, args.out)
+    with local_run_dir(args.out) as out:
+        summary = run_pipeline(cfg, out)
     print(json.dumps(summary, indent=2))
     print(f"summary: {args.out}/summary.json")
     return 0

@@ -4,6 +4,9 @@ the downstream tasks (VQA v2, NLVR2, SNLI-VE, RefCOCO+, retrieval) with the meta
 from __future__ import annotations
 
 import argparse
+import json
+
+from raysys import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "vqa.lr=1e-4 steps=10. Formats are detected from the files or named with --format.",
     )
     f.add_argument("--checkpoint", required=True, help="model.pt from `raysys pretrain`, or 'base'")
-    f.add_argument("--task", default=None, help="vqa | nlvr2 | ve | refcoco | retrieval (aliases: snli-ve, refcoco+, …)")
+    f.add_argument("--task", default=None, help="vqa | nlvr2 | ve | refcoco | retrieval (aliases: snli-ve, refcoco+, …), or a task a --plugin registers")
     f.add_argument("--train", nargs="+", default=None, metavar="FILE", help="training files (VQA: questions + annotations)")
     f.add_argument("--eval", nargs="+", default=None, metavar="FILE", help="evaluation files")
     f.add_argument("--images", default=None, help="dataset dir holding the task's images/ (featurize or import)")
@@ -49,51 +52,43 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _section(path: str | None, section: str) -> dict:
-    from raysys import config
-
     data = config.load_yaml(path)
     return data[section] if isinstance(data.get(section), dict) else data
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
-    import json
+    from raysys.evaluate import zeroshot  # lazy: torch, ray and the model code would slow raysys --help
 
-    from raysys import config
-    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot, format_table, zeroshot_stage
-
-    cfg = config.from_dict(ZeroShotConfig, config.apply_overrides(_section(args.config, "zeroshot"), args.overrides))
+    cfg = config.from_dict(zeroshot.ZeroShotConfig, config.apply_overrides(_section(args.config, "zeroshot"), args.overrides))
     cfg.check()
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
     if args.compare_base and args.checkpoint != "base":
         # the demo stage's comparison: base gets the checkpoint's number of layers; prints the table
-        out = zeroshot_stage(cfg, args.data, {"checkpoint": args.checkpoint})
+        out = zeroshot.zeroshot_stage(cfg, args.data, {"checkpoint": args.checkpoint})
         result = {**out["pretrained"], "base": out["base"], "margin_t2i_r5": out["margin_t2i_r5"]}
     else:
-        result = evaluate_zeroshot(args.checkpoint, args.data, cfg)
-        print(format_table({"pretrained" if args.checkpoint != "base" else "base": result}))
+        result = zeroshot.evaluate_zeroshot(args.checkpoint, args.data, cfg)
+        print(zeroshot.format_table({"pretrained" if args.checkpoint != "base" else "base": result}))
     print(json.dumps(result, default=str))
     return 0
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    import json
+    from raysys.evaluate import finetune  # lazy: torch and the model code would slow raysys --help
 
-    from raysys import config
-    from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune
-
-    cfg = config.from_dict(FinetuneConfig, config.apply_overrides(_section(args.config, "finetune"), args.overrides))
+    cfg = config.from_dict(finetune.FinetuneConfig, config.apply_overrides(_section(args.config, "finetune"), args.overrides))
     if args.task:
         if not (args.train and args.eval and args.images):
             raise config.ConfigError("finetune --task needs --train, --eval and --images")
-        runs = [TaskRun(args.task, list(args.train), list(args.eval), args.images, args.eval_images or "", args.format)]
+        runs = [finetune.TaskRun(args.task, list(args.train), list(args.eval), args.images, args.eval_images or "", args.format)]
     else:
         runs = cfg.runs
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
-    out = run_finetune(args.checkpoint, cfg, runs)
+    out = finetune.run_finetune(args.checkpoint, cfg, runs)
     for t, r in out["tasks"].items():
         print(f"{t:<10} {r['headline']} = {r['score']:.2f}  (train {r['n_train']}, eval {r['n_eval_examples']}, "
               f"{r['steps']} steps, {r['seconds']} s)")  # fmt: skip

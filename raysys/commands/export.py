@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys.experiments.export import compare, export_checkpoint
+    from raysys.experiments.export import compare, export_checkpoint  # lazy: keeps raysys --help fast
 
     result = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
     if not args.no_verify:

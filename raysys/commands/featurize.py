@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from raysys import config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -34,12 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raysys import config
-    from raysys.data.featurize import FeaturizeConfig, featurize, format_summary, import_plugins
+    from raysys.data import detectors  # lazy: keeps raysys --help fast
+    from raysys.data.featurize import (  # lazy: keeps raysys --help fast
+        FeaturizeConfig,
+        featurize,
+        format_summary,
+        import_plugins,
+    )
 
     if args.list_backends:
-        from raysys.data import detectors
-
         import_plugins(args.plugin or [])
         print("backends:", ", ".join(f"{k} = {d}+{f}" for k, (d, f) in detectors.BACKENDS.items()))
         print("detectors:", ", ".join(sorted(detectors.DETECTORS)))
@@ -47,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.images or not args.out:
         raise config.ConfigError("featurize: --images and --out are required")
-    data = config.load_yaml(args.config)
-    data = data.get("featurize", data) if isinstance(data.get("featurize"), dict) else data
     flags = {
         "backend": args.backend,
         "detector": args.detector,
@@ -61,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "actors": args.actors,
         "strict": True if args.strict else None,
     }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    cfg = config.from_dict(FeaturizeConfig, config.apply_overrides(data, args.overrides))
+    cfg = config.load_section(FeaturizeConfig, args.config, args.overrides, "featurize", flags)
     report = featurize(cfg, args.images, args.out, use_ray=not args.no_ray)
     print(format_summary(report, args.out))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,25 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(man: dict) -> int:
-    import json
-
     print(json.dumps({"counts": man["counts"], "feature_dim": man.get("feature_dim")}))
     return 0
 
 
 def _lxmert(a: argparse.Namespace) -> int:
-    from raysys.data.importers import import_lxmert_tsv
+    from raysys.data.importers import import_lxmert_tsv  # lazy: keeps raysys --help fast
 
     return _report(import_lxmert_tsv(a.file, a.vocab, a.out, a.feature_dim))
 
 
 def _vinvl(a: argparse.Namespace) -> int:
-    from raysys.data.importers import import_vinvl_tsv
+    from raysys.data.importers import import_vinvl_tsv  # lazy: keeps raysys --help fast
 
     return _report(import_vinvl_tsv(a.features, a.labels, a.out, a.labelmap, a.feature_dim))
 
 
 def _texts(a: argparse.Namespace) -> int:
-    from raysys.data.importers import import_texts
+    from raysys.data.importers import import_texts  # lazy: keeps raysys --help fast
 
     return _report(import_texts(a.files, a.format, a.out, a.column, a.header, a.source, a.max_captions))

@@ -7,6 +7,16 @@ scale). Without it, Ray Train runs the same core on `--workers` DDP ranks (raysy
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from raysys import config
+from raysys.config import ConfigError
+from raysys.pretrain.config import PretrainConfig, TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,11 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys import config
-    from raysys.pretrain.loop import PretrainConfig
-
     data = config.load_yaml(args.config)
     if "pretrain" in data and isinstance(data["pretrain"], dict):
         data = data["pretrain"]
@@ -46,14 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         data["recipe"] = args.recipe
     if not args.local:  # Ray Train (TorchTrainer); its config adds the cluster keys to PretrainConfig
-        from raysys.pretrain.ray_train import run_cli
-
         return run_cli(args, data)
     cfg = config.from_dict(PretrainConfig, data)
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
-    from raysys.pretrain.loop import train_local
+    from raysys.pretrain.loop import train_local  # lazy: torch; keeps raysys --help fast
 
     result = train_local(cfg, args.data, out=args.out, steps=args.steps)
     history = result.pop("history")
@@ -63,3 +66,57 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(args.history, "".join(json.dumps(h) + "\n" for h in history))
     print(json.dumps(result))
     return 0
+
+
+def run_cli(args: argparse.Namespace, data: dict[str, Any]) -> int:
+    """`raysys pretrain` without `--local`: `data` is the config mapping after overrides."""
+    if getattr(args, "workers", None) is not None:
+        data["workers"] = args.workers
+    if getattr(args, "steps", None) is not None:
+        data["steps"] = args.steps
+    cfg = config.from_dict(TrainConfig, data)
+    from raysys.pretrain.ray_train import validate  # lazy: torch and Ray; keeps raysys --help fast
+
+    validate(cfg)
+    if args.dry_run:
+        print(config.dump(cfg), end="")
+        return 0
+    if getattr(args, "history", None):
+        raise ConfigError("--history is for --local runs; a Ray Train run logs every step to MLflow")
+    storage = args.storage or cfg.storage
+    if not args.name or not storage:
+        raise ConfigError("distributed pre-training needs --name and --storage (or use --local)")
+    from raysys.pretrain.ray_train import MODEL_FILE, ensure_ray, fit  # lazy: as above
+
+    started = ensure_ray()
+    try:
+        result = fit(cfg, args.data, args.name, storage, tracking_base=getattr(args, "out", None) or None)
+        if getattr(args, "out", None) and result["complete"]:
+            _copy_final_model(result["checkpoint"], Path(args.out), cfg)
+            result["model"] = str(Path(args.out) / MODEL_FILE)
+    finally:
+        if started:
+            import ray  # lazy: as above
+
+            ray.shutdown()
+    if result["tracking_uri"]:
+        from raysys.tracking import describe
+
+        print(describe(result["tracking_uri"], result["mlflow_run_id"], result["experiment"]), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def _copy_final_model(checkpoint: str, out: Path, cfg: TrainConfig) -> None:
+    """`--out`: the final model.pt and resolved config next to each other, as `--local` writes."""
+    from ray.train import Checkpoint  # lazy: Ray; keeps raysys --help fast
+
+    from raysys.contract import write_text_atomic
+    from raysys.pretrain.ray_train import MODEL_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    with Checkpoint(checkpoint).as_directory() as d:
+        tmp = out / f".{MODEL_FILE}.tmp"
+        shutil.copyfile(Path(d) / MODEL_FILE, tmp)
+        os.replace(tmp, out / MODEL_FILE)
+    write_text_atomic(out / "pretrain.yaml", config.dump(cfg))

@@ -24,10 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: one per GPU, else per CPU)")
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("retrieve", help="top-K texts per image by sharded FAISS search → DIR/pairs/ + diagnostics")
+    p = sub.add_parser("retrieve", help="top-K texts per image by sharded index search (FAISS) → DIR/pairs/ + diagnostics")
     _common(p)
     p.add_argument("--k", type=int, default=None, help="sentences per image (default 5)")
-    p.add_argument("--shards", type=int, default=None, help="FAISS index shards, one Ray actor each (default 2)")
+    p.add_argument("--shards", type=int, default=None, help="index shards, one Ray actor each (default 2)")
+    p.add_argument("--backend", default=None,
+                   help="index backend by registered name (default faiss; a --plugin module may register more)")  # fmt: skip
     p.add_argument("--index", default=None, help="faiss index_factory string (default Flat = exact; e.g. IVF1024,Flat)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (HNSW: efSearch)")
     p.add_argument("--model", default=None, help="sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
@@ -90,7 +92,8 @@ def _embed(args: argparse.Namespace) -> int:
 def _retrieve(args: argparse.Namespace) -> int:
     from raysys.corpus.retrieval import retrieve
 
-    cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "index": "index", "nprobe": "nprobe", "model": "embed.model"})
+    cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "backend": "backend", "index": "index", "nprobe": "nprobe",
+                                "model": "embed.model"})
     return _print(_with_ray(lambda: retrieve(args.data, cfg)))
 
 

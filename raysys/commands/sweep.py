@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+
+from raysys import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,26 +24,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys import config
-    from raysys.experiments.sweep import SweepConfig, run_sweep, trial_specs
+    from raysys.experiments.rundir import local_run_dir  # lazy: keeps raysys --help fast
+    from raysys.experiments.sweep import SweepConfig, dry_run, run_sweep  # lazy: keeps raysys --help fast
 
     cfg = config.load(SweepConfig, args.config, args.overrides)
     if args.dry_run:
-        print(config.dump(cfg), end="")
-        for s in trial_specs(cfg):
-            print(f"# trial {s['id']}: {s['overrides']}")
+        print(dry_run(cfg), end="")
         return 0
-    result = run_sweep(cfg, args.out or f"sweeps/{cfg.name}")
+    with local_run_dir(args.out or f"sweeps/{cfg.name}") as out:
+        result = run_sweep(cfg, out)
     print(json.dumps(result, default=str))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys.experiments.report import write_report
+    from raysys.experiments.report import write_report  # lazy: keeps raysys --help fast
 
     print(json.dumps(write_report(args.tracking_uri, args.experiment, args.out)))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,9 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from raysys.contract import validate_dataset
+    from raysys.contract import validate_dataset  # lazy: keeps raysys --help fast
 
     print(json.dumps({"valid": True, "counts": validate_dataset(args.data)}))
     return 0

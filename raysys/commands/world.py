@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import time
+
+from raysys import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,19 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import time
+    from raysys.data.world import WorldConfig, write_world  # lazy: keeps raysys --help fast
+    from raysys.rss import PeakRSS  # lazy: keeps raysys --help fast
 
-    from raysys import config
-    from raysys.data.world import WorldConfig, write_world
-    from raysys.rss import PeakRSS
-
-    data = config.load_yaml(args.config)
-    data = data.get("world", data) if isinstance(data.get("world"), dict) else data
-    for k in ("images", "seed"):
-        if getattr(args, k) is not None:
-            data[k] = getattr(args, k)
-    cfg = config.from_dict(WorldConfig, config.apply_overrides(data, args.overrides))
+    cfg = config.load_section(WorldConfig, args.config, args.overrides, "world", {"images": args.images, "seed": args.seed})
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0

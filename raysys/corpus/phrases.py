@@ -48,6 +48,7 @@ from raysys.contract import (
     update_manifest,
     write_parquet_atomic,
 )
+from raysys.corpus.diagnostics import tag_pattern, write_report
 from raysys.corpus.embedding import (
     Embedder,
     actor_resources,
@@ -98,7 +99,7 @@ class Phraser:
 
     def __init__(self, spacy_model: str, model: str = "", pipe_batch_size: int = 128,
                  embed_batch_size: int = 128, threads: int = 1, drop_pronouns: bool = True):  # fmt: skip
-        import spacy
+        import spacy  # lazy: 4.5 s, paid only in the actor that parses
 
         self.embedder = Embedder(model, embed_batch_size, threads)
         self.nlp = spacy.load(spacy_model, disable=SPACY_DISABLE)
@@ -133,7 +134,7 @@ class Phraser:
 
 
 def _run_phraser(items: pa.Table, cfg: PhrasesConfig):
-    import ray
+    import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
 
     n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
     block = block_rows_for(items.num_rows, n, cfg.block_rows)
@@ -188,8 +189,6 @@ def extract_phrases(
     data: str | Path, cfg: PhrasesConfig | None = None, on_shard: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
     """Write `phrases/` for every stored pair; resumable per pairs shard. Returns the report."""
-    from raysys.corpus.diagnostics import write_report
-
     cfg = cfg or PhrasesConfig()
     data = Path(data)
     t0 = time.perf_counter()
@@ -280,8 +279,6 @@ def _link_shard(pairs: pa.Table, by_text: dict[str, list[int]], rows: dict[str, 
 
 def phrases_report(data: str | Path, examples: int = 3) -> dict[str, Any]:
     """Counts, link-score distribution, and lexical agreement of links with the linked region's tag."""
-    from raysys.corpus.diagnostics import tag_pattern
-
     data = Path(data)
     ph = read_table(data, "phrases")
     n = ph.num_rows

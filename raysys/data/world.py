@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from raysys.config import to_dict
 from raysys.contract import (
     GOLD_SCHEMA,
     TEXTS_SCHEMA,
@@ -302,8 +303,6 @@ def _write_world(cfg: WorldConfig, out: Path) -> dict:
             "text_id": id_of[: len(captions)].tolist(),
             "split": ["eval" if i in eval_images else "train" for i in cap_image],
         }, schema=GOLD_SCHEMA), d / shard_name(0))  # fmt: skip
-    from raysys.config import to_dict
-
     return update_manifest(
         out, "world",
         feature_dim=cfg.feature_dim, tag_vocab=COCO_CLASSES,

@@ -12,8 +12,11 @@ with fresh heads drawn from a fixed seed, never pre-trained on V+L data.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from raysys.contract import ContractError, read_manifest, region_arrays, shard_files
-from raysys.pretrain.granularities import Corpus
+from raysys.pretrain.granularities import Corpus, Sample, assemble
+from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, location_features
+from raysys.pretrain.objectives import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,6 @@ class ModelSource:
 
 def load_model(src: ModelSource):
     """(model in eval mode, checkpoint extra dict). `base` is rebuilt identically from its seed."""
-    from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint
-
     if src.is_base:
         cfg = ModelConfig(model_path=src.model_path, num_layers=src.num_layers, feature_dim=src.feature_dim,
                           num_classes=max(1, src.num_classes))  # fmt: skip
@@ -88,7 +92,7 @@ def local_checkpoint(spec: str | Path) -> Iterator[str]:
         yield BASE
         return
     if "://" in s and not s.startswith("file://"):
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint  # lazy: ray.train takes seconds to import; only URIs need it
 
         with Checkpoint(s).as_directory() as d:
             yield str(Path(d) / MODEL_FILE)
@@ -102,10 +106,6 @@ def checkpoint_extra(checkpoint: str) -> dict[str, Any]:
     without building the model; {} for base."""
     if checkpoint == BASE:
         return {}
-    import json
-
-    import torch
-
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return json.loads(payload.get("extra", "{}") or "{}")
 
@@ -119,9 +119,7 @@ def text_settings(extra: dict[str, Any], max_text_len: int = 0, max_regions: int
     )
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
+def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -194,8 +192,6 @@ def load_images(root: str | Path, ids: list[str] | None = None, max_regions: int
 
     Regions beyond `max_regions` are dropped, as in pre-training.
     """
-    from raysys.pretrain.model import location_features
-
     root = Path(root)
     man = read_manifest(root)
     want = None if ids is None else set(ids)
@@ -270,9 +266,6 @@ def tokenize(tokenizer, texts: list[str], max_text_len: int) -> list[np.ndarray]
 
 def pair_batch(corpus, tokenizer, token_ids: list[np.ndarray], images: list[int | None]) -> dict[str, Any]:
     """One encoder batch of (text, image) pairs: `images[b]` indexes `corpus` (None = text only)."""
-    from raysys.pretrain.granularities import Sample, assemble
-    from raysys.pretrain.objectives import IGNORE
-
     samples = [Sample(ids, np.full(len(ids), IGNORE, np.int64), image=img) for ids, img in zip(token_ids, images)]
     batch = assemble(samples, corpus, tokenizer)
     batch["objectives"] = ()
@@ -280,9 +273,24 @@ def pair_batch(corpus, tokenizer, token_ids: list[np.ndarray], images: list[int 
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    import torch
-
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def score_pairs(model, corpus, tokenizer, tokens: list[np.ndarray], pair_img: np.ndarray, pair_txt: np.ndarray,
+                batch_size: int, device) -> np.ndarray:  # fmt: skip
+    """ITM match score (logit 1 − logit 0) of each (image, text) pair, in input order.
+
+    Pairs are sorted by text length inside the call so batches carry little padding."""
+    out = np.empty(len(pair_img), np.float32)
+    lengths = np.array([len(tokens[t]) for t in pair_txt], np.int64) if len(pair_txt) else np.zeros(0, np.int64)
+    order = np.argsort(lengths, kind="stable")
+    with torch.inference_mode():
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = pair_batch(corpus, tokenizer, [tokens[int(pair_txt[i])] for i in idx], [int(pair_img[i]) for i in idx])
+            logits = model(to_device(batch, device))["itm_logits"].float()
+            out[idx] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+    return out
 
 
 # ---------------------------------------------------------------- MLflow
@@ -291,8 +299,6 @@ def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 def tracking_uri(explicit: str = "", extra: dict[str, Any] | None = None) -> str:
     """Where results go: the explicit URI, else MLFLOW_TRACKING_URI, else the checkpoint's run's
     store, else `sqlite:///<cwd>/mlflow.db` (STACK-NOTES: the file store refuses to work)."""
-    import os
-
     if explicit:
         return explicit
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -314,7 +320,7 @@ def parent_run_id(explicit: str = "", extra: dict[str, Any] | None = None, uri: 
             return str(extra[k])
     if uri and checkpoint and checkpoint != BASE:
         try:
-            from mlflow import MlflowClient
+            from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; mlflow=false runs skip it
 
             c = MlflowClient(tracking_uri=uri)
             where = str(Path(checkpoint).parent if checkpoint.endswith(MODEL_FILE) else checkpoint)
@@ -358,10 +364,8 @@ def log_mlflow(
     """Log into run `run_id` when given (the checkpoint's own run), else into a new FINISHED run
     linked to `parent` by the tags `raysys.parent_run_id` and `mlflow.parentRunId` (so the MLflow
     UI nests it under the pre-training run) in the parent's experiment. Returns the run's ids."""
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; mlflow=false runs skip it
+    from mlflow.entities import Metric, Param, RunTag  # lazy: as above
 
     client = MlflowClient(tracking_uri=uri)
     if run_id:

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
-TIE_POLICIES = ("pessimistic", "optimistic", "average")
+TiePolicy = Literal["pessimistic", "optimistic", "average"]
+TIE_POLICIES: tuple[str, ...] = get_args(TiePolicy)
 
 
 # ---------------------------------------------------------------- retrieval
 
 
-def gold_ranks(scores: np.ndarray, gold: np.ndarray, tie_policy: str = "pessimistic") -> np.ndarray:
+def gold_ranks(scores: np.ndarray, gold: np.ndarray, tie_policy: TiePolicy = "pessimistic") -> np.ndarray:
     """1-based rank of the best-ranked gold candidate for every query (row).
 
     `scores` (Q, C) float, `gold` (Q, C) bool with at least one True per row. Non-finite scores

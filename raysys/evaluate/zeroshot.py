@@ -29,12 +29,42 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from raysys.config import ConfigError, to_dict
+from raysys.contract import ContractError, iter_table, read_manifest, read_table, shard_files
+from raysys.corpus.embedding import encode_deterministic, query_string, read_embeddings
+from raysys.corpus.embedding import load_model as load_embedder
+from raysys.evaluate.downstream import (
+    ImageIndex,
+    ImageSet,
+    ModelSource,
+    check_feature_dim,
+    checkpoint_extra,
+    image_ids,
+    load_images,
+    load_model,
+    local_checkpoint,
+    log_mlflow,
+    numeric,
+    parent_run_id,
+    pick_device,
+    score_pairs,
+    text_settings,
+    tokenize,
+    tracking_uri,
+)
+from raysys.evaluate.metrics import TIE_POLICIES, TiePolicy, gold_ranks, rank_summary, roc_auc
+from raysys.pretrain.model import load_tokenizer
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +79,14 @@ class ZeroShotConfig:
     split: str = "eval"  # gold split to evaluate ("eval": demo world; "dev": Flickr8k import)
     max_images: int = 0  # 0 = every image of the split; N = a seeded sample of N images
     captions_per_image: int = 0  # 0 = all gold captions of each image
-    coarse: str = "none"  # none | tags: sentence-embedding pre-selection of candidates
+    coarse: Literal["none", "tags"] = "none"  # tags: sentence-embedding pre-selection of candidates
     coarse_top_n: int = 20  # candidates per query kept by the coarse stage
     embed_model: str = ""  # sentence embedder of the coarse stage ("" = packaged MiniLM)
     batch_size: int = 128  # pairs per forward pass
     max_text_len: int = 0  # 0 = the checkpoint's pre-training value (40)
     max_regions: int = 0  # 0 = the checkpoint's pre-training value (36)
-    tie_policy: str = "pessimistic"  # pessimistic | optimistic | average (raysys.evaluate.metrics)
-    ray: str = "auto"  # auto: shard over Ray actors when n_pairs >= shard_min_pairs | always | never
+    tie_policy: TiePolicy = "pessimistic"  # pessimistic | optimistic | average (raysys.evaluate.metrics)
+    ray: Literal["auto", "always", "never"] = "auto"  # auto: shard over Ray actors when n_pairs >= shard_min_pairs
     shard_min_pairs: int = 20000
     workers: int = 0  # Ray actors; 0 = cluster CPUs / cpus_per_worker (or GPUs / gpus_per_worker)
     chunk_pairs: int = 2048  # pairs per actor call
@@ -74,9 +104,7 @@ class ZeroShotConfig:
     parent_run_id: str = ""  # "" = the run recorded in the checkpoint
 
     def check(self) -> None:
-        from raysys.config import ConfigError
-        from raysys.evaluate.metrics import TIE_POLICIES
-
+        """The config loader checks the Literal fields; this also catches a config built in Python."""
         if self.coarse not in ("none", "tags"):
             raise ConfigError(f"zeroshot.coarse: {self.coarse!r} is not one of ['none', 'tags']")
         if self.tie_policy not in TIE_POLICIES:
@@ -100,11 +128,6 @@ class EvalSet:
 
 def eval_set(data: str | Path, cfg: ZeroShotConfig) -> EvalSet:
     """The gold pairs of `cfg.split`, resolved against the images table, sampled and ordered."""
-    import pyarrow.compute as pc
-
-    from raysys.contract import ContractError, iter_table, read_table, shard_files
-    from raysys.evaluate.downstream import ImageIndex, image_ids
-
     root = Path(data)
     if not shard_files(root, "gold"):
         raise ContractError(root / "gold", None, "gold", "no gold pairs: zero-shot retrieval needs true (image, text) pairs")
@@ -152,36 +175,10 @@ def eval_set(data: str | Path, cfg: ZeroShotConfig) -> EvalSet:
 # ---------------------------------------------------------------- scoring
 
 
-def score_pairs(model, corpus, tokenizer, tokens: list[np.ndarray], pair_img: np.ndarray, pair_txt: np.ndarray,
-                batch_size: int, device) -> np.ndarray:  # fmt: skip
-    """ITM match score (logit 1 − logit 0) of each (image, text) pair, in input order.
-
-    Pairs are sorted by text length inside the call so batches carry little padding."""
-    import torch
-
-    from raysys.evaluate.downstream import pair_batch, to_device
-
-    out = np.empty(len(pair_img), np.float32)
-    lengths = np.array([len(tokens[t]) for t in pair_txt], np.int64) if len(pair_txt) else np.zeros(0, np.int64)
-    order = np.argsort(lengths, kind="stable")
-    with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            batch = pair_batch(corpus, tokenizer, [tokens[int(pair_txt[i])] for i in idx], [int(pair_img[i]) for i in idx])
-            logits = model(to_device(batch, device))["itm_logits"].float()
-            out[idx] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
-    return out
-
-
 class PairScorer:
     """Ray actor: rebuilds the model once from its `ModelSource`, then scores chunks of pairs."""
 
     def __init__(self, source, corpus, tokens, batch_size: int, threads: int, device: str):
-        import torch
-
-        from raysys.evaluate.downstream import load_model, pick_device
-        from raysys.pretrain.model import load_tokenizer
-
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
@@ -196,10 +193,8 @@ class PairScorer:
 
 
 def _score_with_ray(source, corpus, tokens, pair_img, pair_txt, cfg: ZeroShotConfig) -> tuple[np.ndarray, int]:
-    import ray
-    from ray.util import ActorPool
-
-    from raysys.raycluster import ensure_ray
+    import ray  # lazy: `raysys bench device` scores pairs on a GPU machine without ray
+    from ray.util import ActorPool  # lazy: as above
 
     started = ensure_ray()
     try:
@@ -234,9 +229,6 @@ def _score_with_ray(source, corpus, tokens, pair_img, pair_txt, cfg: ZeroShotCon
 def coarse_similarity(data: str | Path, corpus, es: EvalSet, model_name: str = "") -> np.ndarray:
     """(I, T) cosine between each image's tag query and each text, by the retrieval stage's
     sentence embedder; reuses `DATA/embeddings/{images,texts}` when they hold these ids."""
-    from raysys.contract import shard_files
-    from raysys.corpus.embedding import encode_deterministic, load_model, query_string, read_embeddings
-
     root = Path(data)
 
     def stored(table: str, ids: list[str]) -> np.ndarray | None:
@@ -251,7 +243,7 @@ def coarse_similarity(data: str | Path, corpus, es: EvalSet, model_name: str = "
     img = stored("images", es.image_ids)
     txt = stored("texts", es.text_ids)
     if img is None or txt is None:
-        enc = load_model(model_name)
+        enc = load_embedder(model_name)
         if img is None:
             queries = [query_string(corpus.tags[corpus.regions(i)]) or "image" for i in range(corpus.n_images)]
             img = encode_deterministic(enc, queries)
@@ -278,34 +270,23 @@ def evaluate_zeroshot(checkpoint: str, data: str | Path, cfg: ZeroShotConfig | N
                       log_to_mlflow: bool | None = None) -> dict[str, Any]:  # fmt: skip
     """Zero-shot retrieval of `checkpoint` on `data`'s gold split. `checkpoint`: "base", a model.pt,
     a checkpoint directory holding one, or a checkpoint URI."""
-    from raysys.evaluate.downstream import local_checkpoint
-
     with local_checkpoint(checkpoint) as path:
         return _evaluate(path, str(checkpoint), data, cfg or ZeroShotConfig(), log_to_mlflow)
 
 
-def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig, log_to_mlflow: bool | None) -> dict[str, Any]:
-    import torch
+@dataclass
+class Inputs:
+    """The model under evaluation and the evaluation set in its input layout."""
 
-    from raysys.contract import read_manifest
-    from raysys.evaluate.downstream import (
-        ModelSource,
-        check_feature_dim,
-        load_images,
-        load_model,
-        pick_device,
-        text_settings,
-        tokenize,
-    )
-    from raysys.evaluate.metrics import gold_ranks, rank_summary, roc_auc
-    from raysys.pretrain.model import load_tokenizer
+    source: ModelSource
+    model: Any  # None once handed to Ray actors (they rebuild it from `source`)
+    extra: dict[str, Any]  # the checkpoint's extra dict
+    corpus: ImageSet
+    tokenizer: Any
+    tokens: list[np.ndarray]
 
-    cfg.check()
-    t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    root = Path(data)
-    es = eval_set(root, cfg)
+
+def load_inputs(checkpoint: str, root: Path, es: EvalSet, cfg: ZeroShotConfig) -> Inputs:
     man = read_manifest(root)
     source = ModelSource(str(checkpoint), feature_dim=int(man.get("feature_dim") or 2048),
                          num_classes=len(man.get("tag_vocab") or []) or 80, model_path=cfg.model_path,
@@ -317,12 +298,27 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
     if source.is_base:
         source.feature_dim = corpus.feature_dim
     tokenizer = load_tokenizer(model.cfg.model_path)
-    tokens = tokenize(tokenizer, es.texts, max_text_len)
-    n_img, T = len(es.image_ids), len(es.texts)
-    gold_it = np.zeros((n_img, T), bool)
-    gold_it[es.text_image, np.arange(T)] = True
+    return Inputs(source, model, extra, corpus, tokenizer, tokenize(tokenizer, es.texts, max_text_len))
 
-    # -- which pairs to score
+
+@dataclass
+class Candidates:
+    """Which (image, text) pairs get ITM scores: every pair, or the coarse stage's top N per query,
+    plus the gold pairs and one shuffled pair per text (the AUC's positives and negatives)."""
+
+    gold: np.ndarray  # (I, T) bool
+    sim: np.ndarray | None  # (I, T) coarse similarity; None without a coarse stage
+    i2t: np.ndarray  # (I, T) bool: candidates of each image query
+    t2i: np.ndarray  # (I, T) bool: candidates of each text query
+    neg_img: np.ndarray  # (T,) the shuffled image of each text
+    pair_img: np.ndarray
+    pair_txt: np.ndarray
+
+
+def candidates(root: Path, corpus: ImageSet, es: EvalSet, cfg: ZeroShotConfig) -> Candidates:
+    n_img, T = len(es.image_ids), len(es.texts)
+    gold = np.zeros((n_img, T), bool)
+    gold[es.text_image, np.arange(T)] = True
     if cfg.coarse == "tags":
         sim = coarse_similarity(root, corpus, es, cfg.embed_model)
         cand_i2t = _top_n_mask(sim, cfg.coarse_top_n, axis=1)
@@ -336,43 +332,61 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
     need[es.text_image, np.arange(T)] = True  # gold pairs: AUC positives
     need[neg_img, np.arange(T)] = True  # shuffled pairs: AUC negatives
     pair_img, pair_txt = np.nonzero(need)
+    return Candidates(gold, sim, cand_i2t, cand_t2i, neg_img, pair_img, pair_txt)
 
-    # -- score them
+
+def rank_metrics(itm: np.ndarray, cand: Candidates, es: EvalSet, cfg: ZeroShotConfig) -> dict[str, Any]:
+    """R@K and ranks both ways, ITM AUC. Scored candidates rank first (by ITM), the coarse stage's
+    leftovers after (by similarity)."""
+    T = len(es.texts)
+    if cand.sim is not None:
+        i2t = np.where(cand.i2t, 1e6 + np.nan_to_num(itm, nan=0.0), cand.sim)
+        t2i = np.where(cand.t2i, 1e6 + np.nan_to_num(itm, nan=0.0), cand.sim)
+    else:
+        i2t = t2i = itm
+    result: dict[str, Any] = {}
+    result.update(rank_summary(gold_ranks(i2t, cand.gold, cfg.tie_policy), "i2t"))
+    result.update(rank_summary(gold_ranks(t2i.T, cand.gold.T, cfg.tie_policy), "t2i"))
+    pos = itm[es.text_image, np.arange(T)]
+    neg = itm[cand.neg_img, np.arange(T)]
+    result["itm_auc"] = roc_auc(pos, neg) if len(es.image_ids) > 1 else float("nan")
+    result["r_mean"] = float(np.mean([result[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]))
+    return result
+
+
+def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig, log_to_mlflow: bool | None) -> dict[str, Any]:
+    cfg.check()
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    root = Path(data)
+    es = eval_set(root, cfg)
+    inp = load_inputs(checkpoint, root, es, cfg)
+    cand = candidates(root, inp.corpus, es, cfg)
+    n_img, T = len(es.image_ids), len(es.texts)
+    pair_img, pair_txt = cand.pair_img, cand.pair_txt
+
     device = pick_device(cfg.device)
     use_ray = cfg.ray == "always" or (cfg.ray == "auto" and len(pair_img) >= cfg.shard_min_pairs)
     t_score = time.perf_counter()
     workers = 0
     if use_ray:
-        del model  # the actors build their own
-        scores, workers = _score_with_ray(source, corpus, tokens, pair_img, pair_txt, cfg)
+        inp.model = None  # the actors build their own
+        scores, workers = _score_with_ray(inp.source, inp.corpus, inp.tokens, pair_img, pair_txt, cfg)
     else:
-        model.to(device)
-        scores = score_pairs(model, corpus, tokenizer, tokens, pair_img, pair_txt, cfg.batch_size, device)
+        inp.model.to(device)
+        scores = score_pairs(inp.model, inp.corpus, inp.tokenizer, inp.tokens, pair_img, pair_txt, cfg.batch_size, device)
     score_s = time.perf_counter() - t_score
     itm = np.full((n_img, T), np.nan, np.float64)
     itm[pair_img, pair_txt] = scores
 
-    # -- rank. Scored candidates first (by ITM), the coarse stage's leftovers after (by similarity).
-    if sim is not None:
-        i2t = np.where(cand_i2t, 1e6 + np.nan_to_num(itm, nan=0.0), sim)
-        t2i = np.where(cand_t2i, 1e6 + np.nan_to_num(itm, nan=0.0), sim)
-    else:
-        i2t = t2i = itm
-    r_i2t = gold_ranks(i2t, gold_it, cfg.tie_policy)
-    r_t2i = gold_ranks(t2i.T, gold_it.T, cfg.tie_policy)
-    result: dict[str, Any] = {}
-    result.update(rank_summary(r_i2t, "i2t"))
-    result.update(rank_summary(r_t2i, "t2i"))
-    pos = itm[es.text_image, np.arange(T)]
-    neg = itm[neg_img, np.arange(T)]
-    result["itm_auc"] = roc_auc(pos, neg) if n_img > 1 else float("nan")
-    result["r_mean"] = float(np.mean([result[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]))
+    result = rank_metrics(itm, cand, es, cfg)
     result.update(
         n_images=n_img, n_texts=T, n_pairs_scored=int(len(pair_img)), n_pairs_full=n_img * T,
         coarse=cfg.coarse, coarse_used=cfg.coarse != "none",
         coarse_top_n=cfg.coarse_top_n if cfg.coarse != "none" else None,
         split=cfg.split, tie_policy=cfg.tie_policy, checkpoint=name,
-        model=BASE_NAME if source.is_base else str(extra.get("recipe") or "checkpoint"),
+        model=BASE_NAME if inp.source.is_base else str(inp.extra.get("recipe") or "checkpoint"),
         chance_t2i_r5=round(100.0 * min(5, n_img) / n_img, 3),
         chance_i2t_r5=round(100.0 * (1 - math.comb(T - int(np.bincount(es.text_image).mean()), 5) / math.comb(T, 5)), 3)
         if T >= 5 else None,
@@ -380,14 +394,14 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
         pairs_per_s=round(len(pair_img) / score_s, 1) if score_s > 0 else None,
         seconds=round(time.perf_counter() - t0, 2),
     )  # fmt: skip
-    if sim is not None:
-        result["coarse_i2t_recall"] = float(100.0 * np.mean((cand_i2t & gold_it).any(axis=1)))
-        result["coarse_t2i_recall"] = float(100.0 * np.mean((cand_t2i & gold_it).any(axis=0)))
+    if cand.sim is not None:
+        result["coarse_i2t_recall"] = float(100.0 * np.mean((cand.i2t & cand.gold).any(axis=1)))
+        result["coarse_t2i_recall"] = float(100.0 * np.mean((cand.t2i & cand.gold).any(axis=0)))
     for k, v in list(result.items()):
         if isinstance(v, float) and k.endswith(("_r1", "_r5", "_r10", "_rank", "auc", "_recall", "r_mean")):
             result[k] = round(v, 4)
     if log_to_mlflow if log_to_mlflow is not None else cfg.mlflow:
-        result["mlflow"] = log_zeroshot(result, extra, cfg, prefix="zeroshot.", local_path=checkpoint)
+        result["mlflow"] = log_zeroshot(result, inp.extra, cfg, prefix="zeroshot.", local_path=checkpoint)
     return result
 
 
@@ -397,11 +411,6 @@ BASE_NAME = "base"
 def log_zeroshot(result: dict[str, Any], extra: dict[str, Any], cfg: ZeroShotConfig, prefix: str = "zeroshot.",
                  run_id: str | None = None, local_path: str = "") -> dict[str, str]:  # fmt: skip
     """Metrics go to the checkpoint's own MLflow run when it has one, else to a new run."""
-    import os
-
-    from raysys.config import to_dict
-    from raysys.evaluate.downstream import log_mlflow, numeric, parent_run_id, tracking_uri
-
     uri = tracking_uri(cfg.tracking_uri, extra)
     explicit_store = bool(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     parent = parent_run_id(cfg.parent_run_id, extra, uri if explicit_store else "", local_path or str(result.get("checkpoint", "")))
@@ -437,11 +446,6 @@ def zeroshot_stage(cfg: ZeroShotConfig, data: str | Path, pretrain: dict[str, An
 
     Both results are logged into the pre-training run (`zeroshot.*` and `zeroshot.base.*`) when
     the pretrain stage recorded one, else into new runs."""
-    from dataclasses import replace
-
-    from raysys.config import ConfigError
-    from raysys.evaluate.downstream import checkpoint_extra, local_checkpoint
-
     ckpt = pretrain.get("model") or pretrain.get("checkpoint")
     if not ckpt:
         raise ConfigError("zeroshot: no pre-trained checkpoint in summary['pretrain'] (run the pretrain stage first)")

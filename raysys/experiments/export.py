@@ -26,6 +26,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from ray.train import Checkpoint
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from raysys.config import ConfigError
+from raysys.contract import ContractError
+from raysys.pretrain.model import ModelConfig, VLModel, load_checkpoint, load_tokenizer
+from raysys.pretrain.ray_train import MODEL_FILE
+
 EXPORT_FORMAT = "raysys.export/1"
 HEADS_FILE = "raysys_heads.safetensors"
 META_FILE = "raysys_model.json"
@@ -35,13 +46,8 @@ META_FILE = "raysys_model.json"
 def local_model_file(src: str | os.PathLike) -> Iterator[Path]:
     """`model.pt` of a checkpoint given as the file, a Ray Train checkpoint directory, or a URI of
     either (s3://, gs://, … downloaded through Ray Train's `Checkpoint`)."""
-    from raysys.contract import ContractError
-    from raysys.pretrain.ray_train import MODEL_FILE
-
     s = str(src)
     if "://" in s and not s.startswith("file://"):
-        from ray.train import Checkpoint
-
         if s.endswith(".pt"):
             s = s.rsplit("/", 1)[0]
         with Checkpoint(s).as_directory() as d:
@@ -58,11 +64,6 @@ def local_model_file(src: str | os.PathLike) -> Iterator[Path]:
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None) -> dict[str, Any]:
     """Write the export folder for checkpoint `src` into `out` (atomically: a temporary sibling
     folder renamed into place). Returns a summary."""
-    from safetensors.torch import save_file
-
-    from raysys.config import ConfigError
-    from raysys.pretrain.model import load_checkpoint, load_tokenizer
-
     with local_model_file(src) as f:
         model, extra = load_checkpoint(f)
     model.eval()
@@ -97,11 +98,6 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, tokenizer:
 def load_exported(path: str | os.PathLike):
     """The full `VLModel` from an export folder (backbone through transformers, heads from
     safetensors); every tensor must be accounted for."""
-    from safetensors.torch import load_file
-
-    from raysys.contract import ContractError
-    from raysys.pretrain.model import ModelConfig, VLModel
-
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
@@ -124,8 +120,6 @@ def load_exported(path: str | os.PathLike):
 
 def fixed_batch(model, tokenizer, seed: int = 0, regions: int = 5) -> dict[str, Any]:
     """A small deterministic batch (two captions, random regions) for comparing two copies of a model."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     enc = tokenizer(["a dog catches a frisbee in the park", "two people ride horses on a beach"],
                     padding=True, return_tensors="pt")  # fmt: skip
@@ -146,8 +140,6 @@ def fixed_batch(model, tokenizer, seed: int = 0, regions: int = 5) -> dict[str, 
 
 def logits(model, batch: dict[str, Any]) -> dict[str, Any]:
     """The model's outputs that a head turns into logits: ITM, MLM over text, MRC over regions."""
-    import torch
-
     with torch.no_grad():
         out = model(batch)
         return {
@@ -160,11 +152,6 @@ def logits(model, batch: dict[str, Any]) -> dict[str, Any]:
 def compare(src: str | os.PathLike, exported: str | os.PathLike) -> dict[str, float]:
     """Max |difference| of each logit family between the checkpoint and the export (full model),
     and of the last hidden state between the checkpoint's backbone and `AutoModel` of the export."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from raysys.pretrain.model import load_checkpoint
-
     with local_model_file(src) as f:
         ref, _ = load_checkpoint(f)
     ref.eval()
@@ -173,8 +160,6 @@ def compare(src: str | os.PathLike, exported: str | os.PathLike) -> dict[str, fl
     batch = fixed_batch(ref, tok)
     a, b = logits(ref, batch), logits(exp, batch)
     diffs = {k: float((a[k] - b[k]).abs().max()) for k in a}
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # BertModel adds an untrained pooler and drops the MLM head: expected
     try:

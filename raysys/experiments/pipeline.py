@@ -1,6 +1,7 @@
 """The whole pipeline as one function: world → retrieval → phrases → pre-training → zero-shot → report.
 
-`raysys demo` and `jobs/pipeline.py` both call `run_pipeline`. Each stage is a function
+`raysys demo`, `jobs/pipeline.py` and the stage jobs (`jobs/retrieve.py`, `jobs/pretrain.py`,
+`jobs/evaluate.py`: a subset of the stages) all call `run_pipeline`. Each stage is a function
 `(cfg, out_dir, summary) -> None` that runs its stage on `out_dir/data` and records its figures
 under `summary[<stage>]`; `summary.json` is rewritten after every stage so a partial run still
 shows what finished.
@@ -8,20 +9,25 @@ shows what finished.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raysys.contract import write_text_atomic
-from raysys.corpus.phrases import PhrasesConfig
-from raysys.corpus.retrieval import RetrievalConfig
-from raysys.data.world import WorldConfig
-from raysys.evaluate.zeroshot import ZeroShotConfig, demo_zeroshot_config
-from raysys.pretrain.ray_train import TrainConfig, demo_config
+from raysys import tracking
+from raysys.config import ConfigError
+from raysys.contract import MANIFEST, read_manifest, validate_dataset, write_text_atomic
+from raysys.corpus.phrases import PhrasesConfig, extract_phrases
+from raysys.corpus.retrieval import RetrievalConfig, retrieve
+from raysys.data.world import WorldConfig, write_world
+from raysys.evaluate.zeroshot import ZeroShotConfig, demo_zeroshot_config, format_table, zeroshot_stage
+from raysys.experiments.rundir import read_summary, write_summary
+from raysys.pretrain import ray_train
+from raysys.pretrain.config import TrainConfig
+from raysys.pretrain.ray_train import demo_config
+from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +43,21 @@ class PipelineConfig:
     pretrain: TrainConfig = field(default_factory=demo_config)  # brief: 2 workers, 2 × 75 joint steps
     zeroshot: ZeroShotConfig = field(default_factory=demo_zeroshot_config)  # pre-trained vs base, gold eval pairs
 
+    def __post_init__(self) -> None:
+        check_k("pretrain.k", self.pretrain.k, "retrieval.k", self.retrieval.k)
+
+
+def check_k(key: str, k: int, retrieval_key: str, retrieved: int) -> None:
+    """K is owned by retrieval: pre-training filters `rank < k` of the pairs retrieval stored, so
+    a larger k would silently train on fewer pairs than asked. Checked when a config is loaded
+    (so `--dry-run` fails too), by `PipelineConfig` and by the sweep."""
+    if k > retrieved:
+        raise ConfigError(
+            f"{key}={k} exceeds {retrieval_key}={retrieved}: pre-training can only use pairs that retrieval kept"
+        )
+
 
 def stage_world(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
-    from raysys.contract import validate_dataset
-    from raysys.data.world import write_world
-
     data = out / "data"
     if not (data / "manifest.json").exists():
         write_world(cfg.world, data)
@@ -50,26 +66,18 @@ def stage_world(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None
 
 
 def _world_figures(data: Path) -> dict[str, Any]:
-    from raysys.contract import read_manifest
-
     man = read_manifest(data)
     return {k: man.get(k) for k in ("feature_dim", "world") if k in man}
 
 
 def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Embed tag queries and texts, top-K sharded FAISS search → data/pairs; summary holds the diagnostics."""
-    from raysys.corpus.retrieval import retrieve
-    from raysys.raycluster import ensure_ray
-
     ensure_ray()
     summary["retrieval"] = retrieve(out / "data", cfg.retrieval)
 
 
 def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Noun phrases of the retrieved sentences linked to regions → data/phrases."""
-    from raysys.corpus.phrases import extract_phrases
-    from raysys.raycluster import ensure_ray
-
     ensure_ray()
     summary["phrases"] = extract_phrases(out / "data", cfg.phrases)
 
@@ -77,17 +85,14 @@ def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> No
 def stage_pretrain(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Ray Train pre-training (TorchTrainer, DDP) → OUT/train/pretrain/checkpoint-*; the MLflow run
     goes to `pretrain.tracking_uri` (default sqlite:///OUT/mlflow.db). A re-run resumes."""
-    from raysys.pretrain.ray_train import ensure_ray, fit
-    from raysys.tracking import describe
-
-    ensure_ray()
+    ray_train.ensure_ray()
     storage = cfg.pretrain.storage or str(out / "train")
-    res = fit(cfg.pretrain, out / "data", name="pretrain", storage=storage, tracking_base=out)
+    res = ray_train.fit(cfg.pretrain, out / "data", name="pretrain", storage=storage, tracking_base=out)
     keys = ("final_loss", "steps", "epochs", "complete", "checkpoint", "mlflow_run_id", "tracking_uri", "experiment",
             "workers", "global_batch", "components", "samples_per_s", "device")  # fmt: skip
     summary["pretrain"] = {k: res.get(k) for k in keys}
     if res.get("tracking_uri"):
-        where = describe(res["tracking_uri"], res["mlflow_run_id"], res.get("experiment"))
+        where = tracking.describe(res["tracking_uri"], res["mlflow_run_id"], res.get("experiment"))
         summary["pretrain"]["mlflow"] = where
         print(where, flush=True)
 
@@ -95,8 +100,6 @@ def stage_pretrain(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> N
 def stage_zeroshot(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
     """Zero-shot image<->text retrieval on the gold eval pairs: the pre-trained checkpoint vs `base`
     (same layers, fresh heads); prints a small table, logs into the pre-training MLflow run."""
-    from raysys.evaluate.zeroshot import zeroshot_stage
-
     summary["zeroshot"] = zeroshot_stage(cfg.zeroshot, out / "data", summary.get("pretrain") or {})
 
 
@@ -143,8 +146,6 @@ def pipeline_report(summary: dict[str, Any]) -> str:
             lines += [f"MLflow: {pre['mlflow']}", ""]
     zs = summary.get("zeroshot") or {}
     if zs.get("pretrained") and zs.get("base"):
-        from raysys.evaluate.zeroshot import format_table
-
         lines += ["## Zero-shot retrieval, pre-trained vs base", "", "```", format_table({k: zs[k] for k in ("pretrained", "base")}),
                   "```", "", f"margin text→image R@5: {_fmt(zs.get('margin_t2i_r5'), 1)} points; "
                   f"image→text R@5: {_fmt(zs.get('margin_i2t_r5'), 1)} points", ""]  # fmt: skip
@@ -161,8 +162,6 @@ def stage_report(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> Non
     summary["report"] = {"path": str(path), "mlflow_artifact": False}
     pre = summary.get("pretrain") or {}
     if pre.get("tracking_uri") and pre.get("mlflow_run_id"):
-        from raysys import tracking
-
         tracking.log_artifacts(pre["tracking_uri"], pre["mlflow_run_id"], [path])
         summary["report"]["mlflow_artifact"] = True
 
@@ -177,16 +176,29 @@ STAGES: list[tuple[str, Callable[[PipelineConfig, Path, dict], None]]] = [
 ]
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run the stages (all, or the named subset in pipeline order) on `out/data`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_stages(stages: Sequence[str]) -> None:
+    """Unknown stage names are a config error, raised before anything starts."""
     known = [name for name, _ in STAGES]
-    if stages is not None and set(stages) - set(known):
-        raise ValueError(f"unknown stage(s) {sorted(set(stages) - set(known))}; known: {known}")
-    # A partial run (one stage job after another) keeps the figures of the stages already run.
-    prev = out / "summary.json"
-    summary: dict[str, Any] = json.loads(prev.read_text()) if stages is not None and prev.exists() else {}
+    if set(stages) - set(known):
+        raise ConfigError(f"unknown stage(s) {sorted(set(stages) - set(known))}; known: {known}")
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, stages: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the stages (all, or the named subset in pipeline order) on `out/data`.
+
+    A subset keeps the figures already in OUT/summary.json, so running the stage jobs one after
+    another on one OUT builds the same summary.json as one whole run (a later stage finds what an
+    earlier one recorded, e.g. the checkpoint). A subset without `world` needs the dataset there."""
+    out = Path(out)
+    if stages is not None:
+        check_stages(stages)
+        if "world" not in stages and not (out / "data" / MANIFEST).exists():
+            raise ConfigError(
+                f"{out / 'data'}: no dataset here ({MANIFEST} missing); run the whole pipeline (raysys demo, "
+                "jobs/pipeline.py) or featurize (raysys featurize, jobs/featurize.py) into it first"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = read_summary(out) if stages is not None else {}
     for name, fn in STAGES:
         if stages is not None and name not in stages:
             continue
@@ -194,5 +206,5 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, stages: tuple[str, ...] |
         log.info("stage %s ...", name)
         fn(cfg, out, summary)
         summary.setdefault(name, {})["seconds"] = round(time.perf_counter() - t0, 2)
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_summary(out, summary)
     return summary

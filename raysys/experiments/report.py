@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import mlflow
 
 AXIS_TITLES = {
     "K": "Retrieved sentences per image K (paper Fig. 3)",
@@ -56,8 +59,6 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def load_runs(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], Any]:
     """Finished trial runs of the experiment as plain dicts, and the sweep's parent run (or None)."""
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -119,10 +120,10 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path) ->
     pts = [(float(r["variant"]), r) for r in rows if _num(r["variant"]) is not None]
     if len(pts) < 2:
         return False
-    import matplotlib
+    import matplotlib  # lazy: choosing a backend is process-wide; done only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for key, label in PLOT_METRICS:
@@ -147,10 +148,10 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path) ->
 
 def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
     """A categorical axis (granularities, baselines) as grouped bars with ±1 std."""
-    import matplotlib
+    import matplotlib  # lazy: choosing a backend is process-wide; done only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(rows) + 2), 4.2), dpi=120)
     width = 0.38
@@ -175,8 +176,6 @@ def _examples(client_parent) -> list[dict[str, Any]]:
     client, parent = client_parent
     if parent is None:
         return []
-    import tempfile
-
     try:
         with tempfile.TemporaryDirectory() as d:
             p = client.download_artifacts(parent.info.run_id, "retrieval.json", d)

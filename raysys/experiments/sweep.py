@@ -2,8 +2,10 @@
 
 Shape of a sweep (`configs/demo_sweep.yaml`):
 
-1. The data stages (world or an existing dataset → retrieval at K = max of the K axis → phrases)
-   run **once**, before any trial; a K sweep filters `rank < K` of that one retrieval.
+1. The data stages (world or an existing dataset → retrieval at K = max of the K axis and the base
+   `pretrain.k` → phrases) run **once**, before any trial; a K sweep filters `rank < K` of that one
+   retrieval. A trial's k above what retrieval keeps (an explicit `pipeline.retrieval.k`, or the
+   existing dataset's stored retrieval) is a config error.
 2. The trials are the union of the ablation axes (`mode: axes`, one factor at a time around the
    base config, like the paper's tables) or their cartesian product (`mode: grid`), times the
    seeds. Identical configurations that several axes share are trained once per axis, so that each
@@ -27,10 +29,21 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import ray
+from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from raysys import config as rconfig
+from raysys import tracking
 from raysys.config import ConfigError
+from raysys.contract import MANIFEST, read_manifest
+from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
+from raysys.experiments.pipeline import PipelineConfig, check_k, run_pipeline
+from raysys.pretrain.config import TrainConfig
+from raysys.pretrain.ray_train import ensure_ray, fit
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +74,12 @@ class SweepConfig:
     name: str = "sweep"
     experiment: str = ""  # MLflow experiment ("" = name)
     tracking_uri: str = ""  # "" = sqlite:///<out>/mlflow.db
-    mode: str = "axes"  # axes: one factor at a time (paper tables) | grid: cartesian product
+    mode: Literal["axes", "grid"] = "axes"  # axes: one factor at a time (paper tables) | grid: cartesian product
     axes: dict[str, list[Any]] = field(default_factory=lambda: {"K": [1, 5, 10], "m": [0, 1]})
     seeds: list[int] = field(default_factory=lambda: [0])
-    search: str = "grid"  # grid | random (random: `num_samples` trials drawn from the trial list)
+    search: Literal["grid", "random"] = "grid"  # grid | random (random: `num_samples` trials drawn from the trial list)
     num_samples: int = 0
-    scheduler: str = "none"  # none | asha (early-stops trials on the training loss)
+    scheduler: Literal["none", "asha"] = "none"  # none | asha (early-stops trials on the training loss)
     asha_grace_period: int = 2  # reports before ASHA may stop a trial
     metric: str = "t2i_r5"  # what `best` means
     max_concurrent_trials: int = 0  # 0 = derived from the cluster's CPUs/GPUs and the trial's workers
@@ -74,6 +87,9 @@ class SweepConfig:
     pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineConfig sections for the data stages
     pretrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by all trials
     zeroshot: dict[str, Any] = field(default_factory=dict)  # ZeroShotConfig fields
+
+    def __post_init__(self) -> None:
+        check_sweep_k(self)
 
 
 def trial_specs(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -107,17 +123,59 @@ def trial_specs(cfg: SweepConfig) -> list[dict[str, Any]]:
     return specs
 
 
+def trial_ks(cfg: SweepConfig) -> list[tuple[str, int]]:
+    """The k values the trials pre-train with, each with the key that sets it."""
+    return [("pretrain.k", int(cfg.pretrain.get("k", 5))), *(("axes.K", int(v)) for v in cfg.axes.get("K", []))]
+
+
 def max_k(cfg: SweepConfig) -> int:
-    ks = [int(v) for v in cfg.axes.get("K", [])]
-    return max([*ks, int(cfg.pretrain.get("k", 5))])
+    """What the sweep's own retrieval keeps: every trial's k."""
+    return max(k for _, k in trial_ks(cfg))
+
+
+def retrieved_k(cfg: SweepConfig) -> tuple[str, int] | None:
+    """What retrieval keeps when the sweep does not decide it: an explicit `pipeline.retrieval.k`
+    (the sweep's own retrieval), or the stored retrieval of the existing dataset `data` (its
+    manifest's last `retrieval` record, when there is one to read); else None."""
+    if cfg.data:
+        prov = [p for p in read_manifest(cfg.data).get("provenance", []) if p.get("stage") == "retrieval"]
+        key, k = f"{Path(cfg.data) / MANIFEST} retrieval k_stored", prov[-1].get("k_stored") if prov else None
+    else:
+        retrieval = cfg.pipeline.get("retrieval")
+        key, k = "pipeline.retrieval.k", retrieval.get("k") if isinstance(retrieval, dict) else None
+    return (key, k) if isinstance(k, int) and not isinstance(k, bool) else None
+
+
+def check_sweep_k(cfg: SweepConfig) -> None:
+    """Every trial's k (the base `pretrain.k`, the K axis) within what retrieval keeps."""
+    kept = retrieved_k(cfg)
+    try:
+        ks = trial_ks(cfg)
+    except (TypeError, ValueError):  # a k that is no integer: the typed TrainConfig check names it
+        return
+    if kept is not None:
+        for key, k in ks:
+            check_k(key, k, *kept)
+
+
+def data_config(cfg: SweepConfig) -> PipelineConfig:
+    """The pipeline config of the sweep's own data stages: `pipeline`, retrieving at `max_k`. Its
+    `pretrain` section is not what the trials train with (that is the sweep's `pretrain`), so its
+    k follows the retrieval's and `PipelineConfig`'s K check holds whatever the trials' k."""
+    k = max_k(cfg)
+    pdata = rconfig.apply_overrides(dict(cfg.pipeline), [f"retrieval.k={k}"])
+    return rconfig.from_dict(PipelineConfig, {**pdata, "pretrain": {**(pdata.get("pretrain") or {}), "k": k}})
+
+
+def dry_run(cfg: SweepConfig) -> str:
+    """`--dry-run` of `raysys sweep` and `jobs/sweep.py`: the resolved config, then the trial list."""
+    return rconfig.dump(cfg) + "".join(f"# trial {s['id']}: {s['overrides']}\n" for s in trial_specs(cfg))
 
 
 def concurrency(cfg: SweepConfig, train_cfg) -> int:
     """Trials that fit the cluster at once: each holds `workers` Ray Train workers."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
-    import ray
-
     res = ray.cluster_resources()
     if train_cfg.use_gpu and res.get("GPU", 0) > 0:
         return max(1, int(res["GPU"] // train_cfg.workers))
@@ -126,12 +184,6 @@ def concurrency(cfg: SweepConfig, train_cfg) -> int:
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: pre-train on Ray Train (reporting through to Tune), then evaluate zero-shot."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
-    from raysys.pretrain.ray_train import TrainConfig, fit
-
     spec = config["trial"]
     tcfg = rconfig.from_dict(TrainConfig, {**config["pretrain"], **spec["overrides"], "tracking_uri": "none"})
     result = fit(tcfg, config["data"], spec["id"], config["storage"], callbacks=[TuneReportCallback()])
@@ -139,12 +191,10 @@ def _trial(config: dict[str, Any]) -> None:
     zs = evaluate_zeroshot(result["checkpoint"], config["data"], zcfg)
     metrics = {k: float(v) for k, v in zs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics.update({"final_loss": float(result["final_loss"] or math.nan), "pretrain_steps": float(result["steps"] or 0)})
-    ray.tune.report({**metrics, "checkpoint_uri": result["checkpoint"], "done_eval": 1.0})
+    tune.report({**metrics, "checkpoint_uri": result["checkpoint"], "done_eval": 1.0})
 
 
 def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
     class SweepMLflowCallback(MLflowLoggerCallback):
         """One run per trial, tagged with its ablation axis/variant/seed, nested under the sweep
         run, with the checkpoint recorded; on resume a trial's existing run is reused."""
@@ -174,13 +224,6 @@ def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
 
 
 def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
-    import ray
-    from ray import tune
-
-    from raysys import tracking
-    from raysys.experiments.pipeline import PipelineConfig, run_pipeline
-    from raysys.pretrain.ray_train import TrainConfig, ensure_ray
-
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     specs = trial_specs(cfg)
@@ -196,9 +239,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
             data = Path(cfg.data).resolve()
             summary = {}
         else:
-            pdata = rconfig.apply_overrides(dict(cfg.pipeline), [f"retrieval.k={max_k(cfg)}"])
-            pcfg = rconfig.from_dict(PipelineConfig, pdata)
-            summary = run_pipeline(pcfg, out, stages=("world", "retrieval", "phrases"))
+            summary = run_pipeline(data_config(cfg), out, stages=("world", "retrieval", "phrases"))
             data = out / "data"
         # 2. The sweep's parent MLflow run: config and retrieval diagnostics as artifacts.
         parent_id, _ = tracking.start_run(uri, experiment, run_name=cfg.name, link=f"sweep:{out}",

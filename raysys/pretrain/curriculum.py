@@ -6,7 +6,10 @@ model's own image-text match probability `w_ITM` weights the retrieved pairs fro
 
 `w_ITM` is per sample: the softmax match probability of each *positive retrieved* pair, computed
 without gradient (the weight must not teach the ITM head to lower itself to shrink the loss).
-ITM negatives (random re-pairings) keep weight 1 — their job is to train the matcher.
+ITM negatives (random re-pairings) keep weight 1 — their job is to train the matcher. This module
+holds the whole of it: when the weighting turns on (`weights_active`), how `w_ITM` is computed
+(`match_weights`), and how it and `loss_weights` weight each objective's term (`granularity_loss`);
+`raysys.pretrain.loop.make_step` only calls `granularity_loss` per batch.
 
 Mixing strategies are pure functions of the global step, so a resumed or distributed run draws
 the same granularity at the same step on every rank:
@@ -19,11 +22,13 @@ the same granularity at the same step on every rank:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from raysys.config import ConfigError
 from raysys.pretrain.objectives import ObjectiveOutput
 
 # Granularities whose samples are retrieved (weakly aligned) pairs: the ones w_ITM weights.
@@ -54,6 +59,45 @@ def reduce_term(out: ObjectiveOutput, weights: torch.Tensor | None = None) -> to
 
 def weights_active(epoch: int, m: int, enabled: bool) -> bool:
     return enabled and epoch >= m
+
+
+def match_weights(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """w_ITM for each sample of a batch: the model's match probability on the *unmasked* pair, in
+    eval mode and without gradient (masking the linked phrase would otherwise bias the estimate)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            clean = {**batch, "input_ids": batch["clean_input_ids"], "region_masked": None, "objectives": ()}
+            logits = model(clean)["itm_logits"]
+    finally:
+        model.train(was_training)
+    return itm_match_weights(logits, batch["itm_eligible"])
+
+
+def granularity_loss(
+    model: torch.nn.Module, batch: dict[str, Any], epoch: int, m: int, enabled: bool, loss_weights: Mapping[str, float]
+) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """One granularity batch's part of L, and what to log: `(part, [(name, value), …])`.
+
+    From epoch m on (when `enabled`), the terms of a WEIGHTED_GRANULARITIES batch are weighted per
+    sample by `w_ITM` (logged as `w_itm`: its mean over the eligible samples); every term is then
+    scaled by `loss_weights[name]` (absent = 1). The logged values are the *unweighted* terms."""
+    logged: list[tuple[str, torch.Tensor]] = []
+    weights = None
+    if batch["granularity"] in WEIGHTED_GRANULARITIES and weights_active(epoch, m, enabled):
+        weights = match_weights(model, batch)
+        elig = batch["itm_eligible"]
+        if bool(elig.any()):
+            logged.append(("w_itm", weights[elig.to(weights.device)].mean()))
+    out = model(batch)
+    part = out["aux_zero"]
+    for name, res in out["losses"].items():
+        term = reduce_term(res, weights)
+        part = part + (term * loss_weights[name] if name in loss_weights else term)
+        if bool(res.valid.any()):
+            logged.append((name, reduce_term(res).detach()))
+    return part, logged
 
 
 # ---------------------------------------------------------------- mixing strategies
@@ -121,7 +165,5 @@ MIXERS: dict[str, type[Mixer]] = {"round_robin": RoundRobin, "proportional": Pro
 
 def make_mixer(strategy: str, names: Sequence[str], batches_per_epoch: dict[str, int], seed: int) -> Mixer:
     if strategy not in MIXERS:
-        from raysys.config import ConfigError
-
         raise ConfigError(f"mixing: unknown strategy {strategy!r}; known: {sorted(MIXERS)}")
     return MIXERS[strategy](names, batches_per_epoch, seed)

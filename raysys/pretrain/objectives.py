@@ -6,8 +6,11 @@ batch into a **per-sample** loss and a per-sample validity mask. Per sample, bec
 curriculum weights each retrieved pair by the model's own match probability `w_ITM`; the
 curriculum then reduces `(loss, valid, weight)` to one number (`raysys.pretrain.curriculum.reduce_term`).
 
-Register a new one with `@register("name")`; a granularity names the objectives it uses, and the
-model builds every objective named in its config. Nothing in the core needs editing.
+A new objective is one registered class and nothing else: `@register("name")` on an `Objective`
+subclass that declares the batch keys it reads (`needs`) and the granularities whose batches it
+applies to (`granularities`, `ALL` by default). The model builds every objective its config names
+(the standard five plus `extra_objectives`) and, on a batch of granularity g, runs those that apply
+to g, in the model's order; `loss_weights.name` scales its term. Nothing in the core needs editing.
 
 Label conventions (what the collators of `raysys.pretrain.granularities` produce):
 - `mlm_labels` (B, T): original token id at masked text positions, -100 elsewhere;
@@ -20,17 +23,18 @@ Label conventions (what the collators of `raysys.pretrain.granularities` produce
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from raysys.pretrain.model import VLModel
+from raysys.config import ConfigError
 
 IGNORE = -100
+ALL = "*"  # `granularities = (ALL,)`: the objective applies to a batch of any granularity
 
 
 @dataclass
@@ -56,23 +60,50 @@ def register(name: str):
     return deco
 
 
-def build_objectives(names, model: VLModel) -> nn.ModuleDict:
+def build_objectives(names: Iterable[str], model: nn.Module) -> nn.ModuleDict:
+    names = list(names)
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        from raysys.config import ConfigError
-
         raise ConfigError(f"unknown objective(s) {unknown}; registered: {sorted(OBJECTIVES)}")
     return nn.ModuleDict({n: OBJECTIVES[n](model) for n in names})
 
 
 class Objective(nn.Module):
-    name = ""
+    """One pre-training loss. `model` is the `VLModel` (typed as a plain module here so that this
+    module does not depend on the model's: objectives only call what they read off it).
 
-    def __init__(self, model: VLModel):
+    `needs`: the batch keys `forward` reads (checked before it runs, so a granularity that does not
+    produce them fails with the key's name). `granularities`: the granularity names whose batches it
+    applies to, or `(ALL,)`."""
+
+    name = ""
+    needs: tuple[str, ...] = ()
+    granularities: tuple[str, ...] = (ALL,)
+
+    def __init__(self, model: nn.Module):
         super().__init__()
 
-    def forward(self, model: VLModel, out: dict[str, Any], batch: dict[str, Any]) -> ObjectiveOutput:
+    @classmethod
+    def applies_to(cls, granularity: str | None) -> bool:
+        return granularity is not None and (ALL in cls.granularities or granularity in cls.granularities)
+
+    def forward(self, model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> ObjectiveOutput:
         raise NotImplementedError
+
+
+def active_objectives(objectives: Mapping[str, Objective], batch: dict[str, Any]) -> tuple[str, ...]:
+    """The names of `objectives` (in their order) to run on `batch`: `batch["objectives"]` when the
+    caller names them (`()` = encode only), else those that apply to `batch["granularity"]`. Fails
+    on an objective whose needed keys the batch lacks."""
+    if "objectives" in batch:
+        return tuple(batch["objectives"])
+    g = batch.get("granularity")
+    names = tuple(n for n, o in objectives.items() if o.applies_to(g))
+    for n in names:
+        missing = [k for k in objectives[n].needs if k not in batch]
+        if missing:
+            raise KeyError(f"objective {n!r} applies to granularity {g!r}, but its batches have no {missing}")
+    return names
 
 
 def per_sample_mean(values: torch.Tensor, sample_idx: torch.Tensor, batch_size: int) -> ObjectiveOutput:
@@ -92,6 +123,9 @@ class MaskedLanguageModeling(Objective):
     """Cross-entropy of masked text tokens (tags, phrases or sentence words) through the tied decoder.
     Only masked positions go through the 30k-way decoder: that is most of the head's cost."""
 
+    needs = ("mlm_labels",)
+    granularities = (ALL,)
+
     def forward(self, model, out, batch):
         labels = batch["mlm_labels"]
         h = out["text_hidden"]
@@ -107,6 +141,9 @@ class MaskedLanguageModeling(Objective):
 class MaskedRegionClassification(Objective):
     """Predict the detector class of a masked region: cross-entropy against the detected class id,
     or KL(stored distribution ‖ prediction) when the images table carries class distributions."""
+
+    needs = ("mrc_labels",)
+    granularities = ("rt", "image", "pairs")
 
     def forward(self, model, out, batch):
         labels = batch["mrc_labels"]
@@ -129,6 +166,9 @@ class MaskedRegionFeatureRegression(Objective):
     """L2 regression of a masked region's output to its input feature (mean over feature dims, so
     the scale does not depend on the feature dimension)."""
 
+    needs = ("mrfr_mask", "region_feats")
+    granularities = ("rt", "image", "pairs")
+
     def forward(self, model, out, batch):
         sel = batch["mrfr_mask"]
         h = out["region_hidden"]
@@ -146,6 +186,9 @@ class PhraseGuidedMaskedRegionToTokenClassification(Objective):
     through the MLM decoder (the BERT vocabulary is the label space). A phrase has several
     sub-words, so the target is the uniform distribution over them: the loss is the mean
     cross-entropy over the phrase's sub-words (its floor is the entropy of that distribution)."""
+
+    needs = ("pmrtc_labels",)
+    granularities = ("rp",)
 
     def forward(self, model, out, batch):
         labels = batch["pmrtc_labels"]  # (B, R, L)
@@ -165,6 +208,9 @@ class PhraseGuidedMaskedRegionToTokenClassification(Objective):
 @register("itm")
 class ImageTextMatching(Objective):
     """Binary match / no-match on [CLS] (two logits; the softmax of the match logit is `w_ITM`)."""
+
+    needs = ("itm_labels",)
+    granularities = ("is",)
 
     def forward(self, model, out, batch):
         labels = batch["itm_labels"]

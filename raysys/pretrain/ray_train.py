@@ -1,7 +1,8 @@
 """Distributed pre-training on Ray Train (Train V2): `TorchTrainer` over N CPU or GPU workers.
 
-The per-step work is the plain-PyTorch core of `raysys.pretrain.loop` unchanged (`prepare`, the
-mixer, `make_step`, `make_optimizer`); this module adds what a cluster run needs:
+The per-step work is the plain-PyTorch core of `raysys.pretrain.loop` unchanged (`prepare`, then
+`make_trainee` and its `Trainee.step`, the very step `train_local` runs); this module adds what a
+cluster run needs:
 
 - **DDP**: `ray.train.torch.prepare_model`; each worker loads only its shard of the data
   (`prepare(cfg, data, rank, world_size)` reads the Parquet shards and keeps rank's images). The
@@ -34,23 +35,43 @@ mixer, `make_step`, `make_optimizer`); this module adds what a cluster run needs
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import logging
-import math
 import os
+import pickle
 import random
-import shutil
+import signal
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raysys import config as rconfig
+from raysys import tracking
 from raysys.config import ConfigError
-from raysys.pretrain.loop import PretrainConfig
+from raysys.contract import ContractError
+from raysys.plugins import load_plugins
+from raysys.pretrain.config import TrainConfig
+from raysys.pretrain.loop import Trainee, make_trainee, prepare
+from raysys.pretrain.model import CHECKPOINT_FORMAT, save_checkpoint
+from raysys.pretrain.optim import Optimizer
+from raysys.pretrain.recipes import resolve
+from raysys.raycluster import ensure_ray as _ensure_ray
+from raysys.tracking import MetricBuffer
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +82,8 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 
 
-@dataclass
-class TrainConfig(PretrainConfig):
-    """`PretrainConfig` plus the Ray Train run settings: one flat namespace, so a YAML file or
-    `key=value` override addresses model, data, optimisation and cluster knobs alike, and Tune can
-    sweep any of them."""
-
-    workers: int = 2  # Ray Train workers (DDP ranks)
-    use_gpu: bool | None = None  # None = GPUs when the cluster has any
-    cpus_per_worker: float = 1.0  # Ray CPUs per worker; on CPU also torch's thread count (unless `threads`)
-    grad_accum: int = 1  # micro-batches per optimiser step
-    bf16: bool = True  # CUDA only: bf16 autocast (CPU trains in float32)
-    compile: bool = False  # CUDA only: torch.compile the encoder
-    checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = epoch ends only)
-    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
-    max_failures: int = 1  # FailureConfig(max_failures): worker-group restarts from the latest checkpoint
-    storage: str = ""  # Ray Train storage (dir or s3://, gs://); "" = the CLI's --storage / the pipeline's OUT/train
-    tracking_uri: str = ""  # MLflow; "" = sqlite:///<storage or --out>/mlflow.db, "none" = off
-    experiment: str = "raysys-pretrain"  # MLflow experiment
-    stop_after_epochs: int = 0  # end this invocation after N more epochs (a re-run continues); 0 = run to the end
-    fail_at_step: int = 0  # failure drill: the last rank SIGKILLs itself at this step, once per invocation (0 = off)
-
-
 def validate(cfg: TrainConfig) -> None:
     """Fail in the driver, in one line, on what would otherwise fail inside every worker."""
-    from raysys.pretrain.recipes import resolve
-
     for key in ("workers", "grad_accum", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: {getattr(cfg, key)} must be ≥ 1")
@@ -123,41 +120,11 @@ DEMO: dict[str, Any] = {
 }
 
 
-# ---------------------------------------------------------------- the step plan
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Optimiser steps of the run. A step takes `grad_accum` consecutive mixer slots
-    (micro-steps); epochs are counted in optimiser steps, as in the local loop when grad_accum=1."""
-
-    per_epoch: int
-    total: int
-    grad_accum: int
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, mixer_steps_per_epoch: int) -> Plan:
-        if cfg.grad_accum < 1:
-            raise ConfigError(f"grad_accum: {cfg.grad_accum} must be ≥ 1")
-        per_epoch = cfg.steps_per_epoch or max(1, mixer_steps_per_epoch // cfg.grad_accum)
-        total = cfg.steps or cfg.epochs * per_epoch
-        return cls(per_epoch, total, cfg.grad_accum)
-
-    def epoch(self, step: int) -> int:
-        return step // self.per_epoch
-
-    def epochs_done(self, steps_done: int) -> int:
-        return -(-steps_done // self.per_epoch) if steps_done else 0
-
-
 # ---------------------------------------------------------------- checkpoint files
 
 
 def _rng_state() -> dict[str, Any]:
     """Every RNG the loop may draw from, as tensors and plain values (weights_only-loadable)."""
-    import numpy as np
-    import torch
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, pystate, gauss = random.getstate()
     state: dict[str, Any] = {
@@ -173,9 +140,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
@@ -188,15 +152,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def safe_load(path: str | os.PathLike) -> Any:
     """`torch.load(weights_only=True)`: tensors and plain containers only. Anything else — a
     pickle that names a class or a function — is refused with a one-line error, never executed."""
-    import pickle
-
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        from raysys.contract import ContractError
-
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ContractError(path, None, "pickle", f"refused: not a weights-only checkpoint ({first})") from None
 
@@ -206,15 +164,11 @@ def rng_file(rank: int) -> str:
 
 
 def write_checkpoint_files(
-    directory: Path, rank: int, module, opt, sched, state: dict[str, Any], metrics: dict[str, Any], cfg: TrainConfig
-) -> None:
+    directory: Path, rank: int, module, optim: Optimizer | None, state: dict[str, Any], metrics: dict[str, Any],
+    cfg: TrainConfig,
+) -> None:  # fmt: skip
     """Rank 0 writes the shared files (model, optimiser, scheduler, metrics, config); every rank
     writes its RNG state. Ray Train merges the ranks' directories into one checkpoint."""
-    import torch
-
-    from raysys import config as rconfig
-    from raysys.pretrain.model import save_checkpoint
-
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / rng_file(rank))
     if rank != 0:
@@ -225,17 +179,34 @@ def write_checkpoint_files(
     payload = {
         "format": TRAIN_STATE_FORMAT,
         **state,
-        "optimizer": opt.state_dict() if opt is not None else {},
-        "scheduler": sched.state_dict() if sched is not None else {},
+        "optimizer": optim.opt.state_dict() if optim is not None else {},
+        "scheduler": optim.sched.state_dict() if optim is not None else {},
     }
     torch.save(payload, directory / STATE_FILE)
     (directory / METRICS_FILE).write_text(json.dumps(metrics))
     (directory / CONFIG_FILE).write_text(rconfig.dump(cfg))
 
 
-def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
-    from raysys.contract import ContractError
+def restore_checkpoint(directory: Path, tr: Trainee, rank: int, world: int, seed: int) -> dict[str, Any]:
+    """Load a checkpoint into this rank's trainee (model, optimiser, scheduler, RNG); returns its
+    train state. With another worker count the RNG streams cannot be restored: the rank reseeds
+    (the run continues, but not bit-for-bit)."""
+    payload = safe_load(directory / MODEL_FILE)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ContractError(directory / MODEL_FILE, None, "format", "not a raysys model checkpoint")
+    tr.module.load_state_dict(payload["state_dict"])
+    state = load_train_state(directory)
+    if tr.optim is not None and state["optimizer"]:
+        tr.optim.load_state_dict({"opt": state["optimizer"], "sched": state["scheduler"]})
+    rng = directory / rng_file(rank)
+    if rng.exists() and state.get("world_size") == world:
+        _set_rng_state(safe_load(rng))
+    else:
+        torch.manual_seed(seed + 1_000_003 * rank + state["step"])
+    return state
 
+
+def load_train_state(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     state = safe_load(path)
     if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
@@ -252,9 +223,6 @@ def read_checkpoint_metrics(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
@@ -268,27 +236,10 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _mean_components(parts: list[dict[str, float]]) -> dict[str, float]:
-    acc: dict[str, list[float]] = {}
-    for p in parts:
-        for k, v in p.items():
-            acc.setdefault(k, []).append(v)
-    return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
-def _tokens(batch: dict[str, Any]) -> int:
-    """Sequence positions the encoder attends to: text tokens + regions."""
-    return int(batch["text_mask"].sum()) + int(batch["region_mask"].sum())
-
-
 def _no_buffer_sync() -> dict[str, bool]:
     """DDP kwargs that skip the per-forward buffer broadcast: the model's buffers (position ids)
     never change, so the broadcast would be one collective per forward for nothing. torch ≥ 2.13
     renamed the flag (`broadcast_buffers` → `forward_sync_buffers`)."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     params = inspect.signature(DDP.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
@@ -303,7 +254,6 @@ def _every_parameter_in_the_graph(model):
     objective has a target (a small R-P batch where no link was masked, an R-T batch with nothing
     masked) leaves the *encoder* out of the loss. Adding `0 · sum(hidden states)` to `aux_zero`
     keeps it in, at the cost of nothing the backward pass was not already doing."""
-    import torch
 
     class EveryParameter(torch.nn.Module):
         def __init__(self, inner):
@@ -329,11 +279,6 @@ def _failure_drill(rank: int, step: int, invocation: str) -> None:
     queue until the controller's next poll, and a worker that dies first takes it along (the run
     would then restart from the checkpoint before it — correct, but not what a drill should show).
     """
-    import signal
-
-    import pyarrow.fs as pafs
-    import ray.train
-
     try:
         storage = ray.train.get_context().get_storage()
         fs, marker = storage.storage_filesystem, f"{storage.experiment_fs_path}/.failure-drill-{invocation}"
@@ -345,7 +290,7 @@ def _failure_drill(rank: int, step: int, invocation: str) -> None:
         _say(f"[raysys] failure drill skipped: cannot write its marker ({e})")
         return
     try:  # Ray Train internals (2.60): the worker's report queue; best effort, bounded wait
-        from ray.train.v2._internal.execution.context import get_train_context
+        from ray.train.v2._internal.execution.context import get_train_context  # lazy: internals may move
 
         q = get_train_context().get_result_queue()
         deadline = time.monotonic() + 30
@@ -358,120 +303,17 @@ def _failure_drill(rank: int, step: int, invocation: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass
-class Trainee:
-    """Everything one rank trains with, and `step(s)`: one optimiser step (its `grad_accum`
-    micro-batches, backward, clipping, AdamW, scheduler). The Ray Train worker loop and the plain
-    loop of `raysys bench train` both call this, so that the benchmark measures what Ray Train
-    adds and nothing else."""
-
-    cfg: TrainConfig
-    model: Any  # what is called: the DDP wrapper under Ray Train with > 1 worker, else the VLModel
-    module: Any  # the VLModel (what checkpoints hold)
-    opt: Any
-    sched: Any
-    streams: dict[str, Any]
-    mixer: Any
-    plan: Plan
-    step_fn: Any
-    device: Any
-    is_ddp: bool
-
-    def autocast(self):
-        import torch
-
-        if self.device.type == "cuda" and self.cfg.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def step(self, s: int) -> tuple[dict[str, float], float, int, int]:
-        """Run optimiser step `s`; returns (mean loss components, lr used, samples, tokens)."""
-        import torch
-
-        from raysys.pretrain.granularities import to_device
-
-        epoch = self.plan.epoch(s)
-        lr = self.sched.get_last_lr()[0] if self.sched is not None else 0.0
-        parts: list[dict[str, float]] = []
-        samples = tokens = 0
-        for a in range(self.plan.grad_accum):
-            u = s * self.plan.grad_accum + a
-            batches = [to_device(self.streams[g].batch(j), self.device) for g, j in self.mixer.at(u)]
-            samples += sum(int(b["input_ids"].shape[0]) for b in batches)
-            tokens += sum(_tokens(b) for b in batches)
-            if self.opt is None:  # a recipe without updates (`base`): losses only
-                with torch.no_grad(), self.autocast():
-                    _, comps = self.step_fn(self.model, batches, epoch)
-            else:
-                last = a == self.plan.grad_accum - 1
-                with self.model.no_sync() if (self.is_ddp and not last) else contextlib.nullcontext():
-                    with self.autocast():
-                        loss, comps = self.step_fn(self.model, batches, epoch)
-                    (loss / self.plan.grad_accum).backward()
-            parts.append(comps)
-        if self.opt is not None:
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-        comps = _mean_components(parts)
-        if not math.isfinite(comps["loss"]):
-            raise FloatingPointError(f"step {s}: loss is {comps['loss']} ({comps})")
-        return comps, lr, samples, tokens
-
-
-def make_trainee(cfg: TrainConfig, setup, device, batches_per_epoch: dict[str, int], wrap=None) -> Trainee:
-    """Build model, optimiser, schedule and mixer for one rank. `wrap(model)` places the model
-    (Ray Train's `prepare_model`); without it the model is moved to `device`."""
-    import torch
-
-    from raysys.pretrain.curriculum import make_mixer
-    from raysys.pretrain.loop import build_pretrain_model, make_optimizer, make_step
-
-    recipe = setup.recipe
-    mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
-    plan = Plan.of(cfg, mixer.steps_per_epoch)
-    module = build_pretrain_model(cfg, setup)
-    if device.type == "cuda" and cfg.compile:
-        module.lm.bert.encoder.compile(dynamic=True)  # in place: state_dict keys are unchanged
-    model = wrap(module) if wrap is not None else module.to(device)
-    module.train()
-    opt = sched = None
-    if recipe.update:
-        opt, sched = make_optimizer(module, cfg, plan.total)
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    return Trainee(cfg, model, module, opt, sched, setup.streams, mixer, plan, make_step(cfg, recipe), device, is_ddp)
-
-
 def set_threads(cfg: TrainConfig, device) -> None:
     """CPU: torch's intra-op threads = the CPUs the worker holds (Ray sets OMP_NUM_THREADS to
     them too); more threads than cores only contend."""
-    import torch
-
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The body each Ray Train worker runs (one DDP rank)."""
-    import numpy as np
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from raysys import config as rconfig
-    from raysys.pretrain.loop import prepare
-
-    t_setup = time.perf_counter()
-    cfg = rconfig.from_dict(TrainConfig, config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    set_threads(cfg, device)
-    np.random.seed(cfg.seed)
-
-    setup = prepare(cfg, config["data"], rank, world)
+def _worker_trainee(cfg: TrainConfig, data: str, rank: int, world: int, device: torch.device) -> Trainee:
+    """This rank's shard, and a trainee whose mixer every rank agrees on (batch counts all-reduced
+    with MIN), its model placed by Ray Train (DDP when world > 1)."""
+    setup = prepare(cfg, data, rank, world)
     names = list(setup.recipe.granularities)
     local = [float(len(setup.streams[g])) for g in names]
     agreed = {g: int(x) for g, x in zip(names, _all_reduce(local, device, op="min"))}
@@ -480,155 +322,188 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         m = _every_parameter_in_the_graph(m) if world > 1 else m
         return ray.train.torch.prepare_model(m, parallel_strategy_kwargs=_no_buffer_sync())
 
-    tr = make_trainee(cfg, setup, device, agreed, wrap)
-    plan, module, opt, sched = tr.plan, tr.module, tr.opt, tr.sched
+    return make_trainee(cfg, setup, device, agreed, wrap)
+
+
+@dataclass
+class _Attempt:
+    """One worker's attempt at the run (from its start or a checkpoint): what the steps carry to
+    the logs, metrics and checkpoints."""
+
+    cfg: TrainConfig
+    tr: Trainee
+    rank: int
+    world: int
+    invocation: str  # this fit() call; a restart after a failure keeps it
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    start: int = 0
+    restored_from: int | None = None
+    invocation_start: int = 0  # the step this fit() call started at (for stop_after_epochs)
+    setup_s: float = 0.0
+    step_times: list[float] = field(default_factory=list)  # rank 0's wall time per step (without checkpoint writes)
+    step_samples: list[int] = field(default_factory=list)  # this rank's samples per step
+    loss_global: float = float("nan")
+    samples: int = 0  # since the last log step (this rank)
+    tokens: int = 0
+    total_samples: int = 0  # this attempt, all ranks
+    total_tokens: int = 0
+    t_log: float = 0.0
+    t_loop: float = 0.0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The body each Ray Train worker runs (one DDP rank)."""
+    load_plugins()  # RAYSYS_PLUGINS (inherited from the driver): plugin objectives exist here too
+    t_setup = time.perf_counter()
+    cfg = rconfig.from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    set_threads(cfg, device)
+    np.random.seed(cfg.seed)
+    tr = _worker_trainee(cfg, config["data"], rank, world, device)
     # Dropout stream: rank 0 matches the local loop's; other ranks get their own.
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
+    run = _Attempt(cfg, tr, rank, world, config["invocation"], config.get("mlflow_run_id"), config.get("tracking_uri"))
+    _resume(run)
+    metrics_buf = None
+    if rank == 0 and run.tracking_uri and run.mlflow_run_id:
+        metrics_buf = MetricBuffer(run.tracking_uri, run.mlflow_run_id)
+    run.setup_s = time.perf_counter() - t_setup
+    run.t_log = run.t_loop = time.perf_counter()
+    for s in range(run.start, tr.plan.total):
+        if _train_step(run, s, metrics_buf):
+            break
+    if metrics_buf is not None:
+        metrics_buf.flush()
 
-    # -- resume
-    start, restored_from = 0, None
-    invocation, invocation_start = config["invocation"], None
-    mlflow_run_id = config.get("mlflow_run_id")
+
+def _resume(run: _Attempt) -> None:
+    """Continue from `ray.train.get_checkpoint()` when Ray Train has one (a re-run or a restart)."""
+    invocation_start = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            from raysys.contract import ContractError
-            from raysys.pretrain.model import CHECKPOINT_FORMAT
-
-            payload = safe_load(Path(d) / MODEL_FILE)
-            if payload.get("format") != CHECKPOINT_FORMAT:
-                raise ContractError(Path(d) / MODEL_FILE, None, "format", "not a raysys model checkpoint")
-            module.load_state_dict(payload["state_dict"])
-            state = load_train_state(d)
-            if opt is not None and state["optimizer"]:
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-            rng = Path(d) / rng_file(rank)
-            if rng.exists() and state.get("world_size") == world:
-                _set_rng_state(safe_load(rng))
-            else:  # a different worker count: continue, but not bit-for-bit
-                torch.manual_seed(cfg.seed + 1_000_003 * rank + state["step"])
-        start = restored_from = int(state["step"])
-        if state.get("invocation") == invocation:  # a restart after a failure within this fit()
+            state = restore_checkpoint(Path(d), run.tr, run.rank, run.world, run.cfg.seed)
+        run.start = run.restored_from = int(state["step"])
+        if state.get("invocation") == run.invocation:  # a restart after a failure within this fit()
             invocation_start = state.get("invocation_start")
-        if rank == 0:
-            _say(f"[raysys] resuming at step {start}/{plan.total} (epoch {plan.epoch(start)})")
-    if invocation_start is None:
-        invocation_start = start
+        if run.rank == 0:
+            _say(f"[raysys] resuming at step {run.start}/{run.tr.plan.total} (epoch {run.tr.plan.epoch(run.start)})")
+    run.invocation_start = run.start if invocation_start is None else invocation_start
 
-    metrics_buf = None
-    if rank == 0 and config.get("tracking_uri") and mlflow_run_id:
-        from raysys.tracking import MetricBuffer
 
-        metrics_buf = MetricBuffer(config["tracking_uri"], mlflow_run_id)
-
-    setup_s = time.perf_counter() - t_setup
-    step_times: list[float] = []  # this attempt, rank 0's wall time per step (without checkpoint writes)
-    step_samples: list[int] = []  # this attempt, this rank's samples per step
-    loss_global = float("nan")
-    samples = tokens = 0  # since the last log step (this rank)
-    total_samples = total_tokens = 0  # this attempt, all ranks
-    t_log = t_loop = time.perf_counter()
-    stop = False
-    steps_done = start
-    kill_rank = world - 1
-
-    for s in range(start, plan.total):
-        t_step = time.perf_counter()
-        epoch = plan.epoch(s)
-        if cfg.fail_at_step and s == cfg.fail_at_step and rank == kill_rank:
-            _failure_drill(rank, s, invocation)
-        comps, lr, n_samples, n_tokens = tr.step(s)
-        samples += n_samples
-        tokens += n_tokens
-        step_samples.append(n_samples)
-        steps_done = s + 1
-        end_of_epoch = steps_done % plan.per_epoch == 0
-        last = steps_done == plan.total
-        checkpoint_now = last or end_of_epoch or (cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
-        log_now = checkpoint_now or (cfg.log_every and s % cfg.log_every == 0)
-        w = [v for k, v in comps.items() if k.endswith(".w_itm")]
-        row = {**comps, "lr": lr, "epoch": float(epoch)}
-        if w:
-            row["w_itm"] = sum(w) / len(w)
-        if log_now:  # one small all-reduce: the mean loss and the global sample/token counts
-            loss_sum, n_s, n_t = _all_reduce([comps["loss"], float(samples), float(tokens)], device)
-            loss_global = loss_sum / world
-            now = time.perf_counter()
-            dt = max(now - t_log, 1e-9)
-            row.update(loss_all_ranks=loss_global, samples_per_s=n_s / dt, tokens_per_s=n_t / dt)
-            total_samples += int(n_s)
-            total_tokens += int(n_t)
-            samples = tokens = 0
-            t_log = now
-            if rank == 0:
-                parts_txt = " ".join(f"{k}={v:.4f}" for k, v in comps.items())
-                _say(f"[raysys] step {steps_done}/{plan.total} epoch {epoch} lr={lr:.2e} {parts_txt} "
-                     f"samples/s={row['samples_per_s']:.1f}")  # fmt: skip
-        if metrics_buf is not None:
-            metrics_buf.add(row, s)
-        if checkpoint_now:
-            epochs_done = plan.epochs_done(steps_done)
-            if (
-                cfg.stop_after_epochs
-                and end_of_epoch
-                and not last
-                and epochs_done - plan.epoch(invocation_start) >= cfg.stop_after_epochs
-            ):
-                stop = True
-            step_times.append(time.perf_counter() - t_step)  # before the checkpoint is written
-            loop_s = time.perf_counter() - t_loop
-            metrics = {
-                "step": steps_done,
-                "epoch": epoch,
-                "epochs": epochs_done,
-                "total_steps": plan.total,
-                "steps_per_epoch": plan.per_epoch,
-                "complete": last,
-                "stopped": stop,
-                "final_loss": loss_global,
-                "loss": comps["loss"],
-                "components": {k: v for k, v in comps.items() if k != "loss"},
-                "lr": lr,
-                "world_size": world,
-                "grad_accum": plan.grad_accum,
-                "global_batch": cfg.batch_size * world * plan.grad_accum,
-                "resumed_from_step": restored_from,
-                "attempt_start_step": start,
-                "setup_seconds": setup_s,
-                "loop_seconds": loop_s,
-                "samples": total_samples,
-                "tokens": total_tokens,
-                "samples_per_s": total_samples / loop_s if loop_s > 0 else None,
-                "tokens_per_s": total_tokens / loop_s if loop_s > 0 else None,
-                "step_seconds": step_times,
-                "step_samples": step_samples,
-                "device": str(device),
-                "mlflow_run_id": mlflow_run_id,
-                "tracking_uri": config.get("tracking_uri"),
-            }
-            state = {"step": steps_done, "epoch": epoch, "total_steps": plan.total, "per_epoch": plan.per_epoch,
-                     "world_size": world, "invocation": invocation, "invocation_start": invocation_start}  # fmt: skip
-            if metrics_buf is not None:
-                metrics_buf.flush()  # what MLflow shows never runs ahead of the checkpoint
-            with tempfile.TemporaryDirectory(prefix="raysys-ckpt-") as tmp:
-                write_checkpoint_files(Path(tmp), rank, module, opt, sched, state, metrics, cfg)
-                # what Ray Train (and Tune, through TuneReportCallback) sees; the rest is in metrics.json
-                keep = ("step", "epoch", "epochs", "complete", "stopped", "final_loss", "loss", "lr",
-                        "samples_per_s", "tokens_per_s", "world_size", "resumed_from_step")  # fmt: skip
-                report = {k: metrics[k] for k in keep}
-                report.update({f"c.{k}": v for k, v in metrics["components"].items()})
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint-{steps_done:08d}")  # fmt: skip
-            if stop:
-                if rank == 0:
-                    _say(f"[raysys] stopping after epoch {epoch} (stop_after_epochs={cfg.stop_after_epochs}); "
-                         "re-run with the same name to continue")  # fmt: skip
-                break
-            continue
-        step_times.append(time.perf_counter() - t_step)
+def _train_step(run: _Attempt, s: int, metrics_buf: MetricBuffer | None) -> bool:
+    """Step `s`, its log line and metrics, and a checkpoint when one is due; True: stop here."""
+    cfg, plan = run.cfg, run.tr.plan
+    t_step = time.perf_counter()
+    epoch = plan.epoch(s)
+    if cfg.fail_at_step and s == cfg.fail_at_step and run.rank == run.world - 1:
+        _failure_drill(run.rank, s, run.invocation)
+    comps, lr, n_samples, n_tokens = run.tr.step(s)
+    run.samples += n_samples
+    run.tokens += n_tokens
+    run.step_samples.append(n_samples)
+    steps_done = s + 1
+    end_of_epoch = steps_done % plan.per_epoch == 0
+    last = steps_done == plan.total
+    checkpoint_now = last or end_of_epoch or (cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0)
+    w = [v for k, v in comps.items() if k.endswith(".w_itm")]
+    row = {**comps, "lr": lr, "epoch": float(epoch)}
+    if w:
+        row["w_itm"] = sum(w) / len(w)
+    if checkpoint_now or (cfg.log_every and s % cfg.log_every == 0):
+        row.update(_log_progress(run, comps, lr, steps_done, epoch))
     if metrics_buf is not None:
-        metrics_buf.flush()
+        metrics_buf.add(row, s)
+    if not checkpoint_now:
+        run.step_times.append(time.perf_counter() - t_step)
+        return False
+    epochs_done = plan.epochs_done(steps_done)
+    stop = bool(cfg.stop_after_epochs and end_of_epoch and not last
+                and epochs_done - plan.epoch(run.invocation_start) >= cfg.stop_after_epochs)  # fmt: skip
+    run.step_times.append(time.perf_counter() - t_step)  # before the checkpoint is written
+    metrics = _metrics(run, steps_done, epoch, comps, lr, last, stop)
+    if metrics_buf is not None:
+        metrics_buf.flush()  # what MLflow shows never runs ahead of the checkpoint
+    _checkpoint(run, metrics)
+    if stop and run.rank == 0:
+        _say(f"[raysys] stopping after epoch {epoch} (stop_after_epochs={cfg.stop_after_epochs}); "
+             "re-run with the same name to continue")  # fmt: skip
+    return stop
+
+
+def _log_progress(run: _Attempt, comps: dict[str, float], lr: float, steps_done: int, epoch: int) -> dict[str, float]:
+    """A log step: one small all-reduce (the mean loss and the global sample/token counts), rank
+    0's progress line; returns the throughput figures of the row."""
+    loss_sum, n_s, n_t = _all_reduce([comps["loss"], float(run.samples), float(run.tokens)], run.tr.device)
+    run.loss_global = loss_sum / run.world
+    now = time.perf_counter()
+    dt = max(now - run.t_log, 1e-9)
+    figures = {"loss_all_ranks": run.loss_global, "samples_per_s": n_s / dt, "tokens_per_s": n_t / dt}
+    run.total_samples += int(n_s)
+    run.total_tokens += int(n_t)
+    run.samples = run.tokens = 0
+    run.t_log = now
+    if run.rank == 0:
+        parts_txt = " ".join(f"{k}={v:.4f}" for k, v in comps.items())
+        _say(f"[raysys] step {steps_done}/{run.tr.plan.total} epoch {epoch} lr={lr:.2e} {parts_txt} "
+             f"samples/s={figures['samples_per_s']:.1f}")  # fmt: skip
+    return figures
+
+
+def _metrics(
+    run: _Attempt, steps_done: int, epoch: int, comps: dict[str, float], lr: float, last: bool, stop: bool
+) -> dict[str, Any]:
+    """What a checkpoint's metrics.json holds (and, in part, what Ray Train and Tune see)."""
+    plan = run.tr.plan
+    loop_s = time.perf_counter() - run.t_loop
+    return {
+        "step": steps_done,
+        "epoch": epoch,
+        "epochs": plan.epochs_done(steps_done),
+        "total_steps": plan.total,
+        "steps_per_epoch": plan.per_epoch,
+        "complete": last,
+        "stopped": stop,
+        "final_loss": run.loss_global,
+        "loss": comps["loss"],
+        "components": {k: v for k, v in comps.items() if k != "loss"},
+        "lr": lr,
+        "world_size": run.world,
+        "grad_accum": plan.grad_accum,
+        "global_batch": run.cfg.batch_size * run.world * plan.grad_accum,
+        "resumed_from_step": run.restored_from,
+        "attempt_start_step": run.start,
+        "setup_seconds": run.setup_s,
+        "loop_seconds": loop_s,
+        "samples": run.total_samples,
+        "tokens": run.total_tokens,
+        "samples_per_s": run.total_samples / loop_s if loop_s > 0 else None,
+        "tokens_per_s": run.total_tokens / loop_s if loop_s > 0 else None,
+        "step_seconds": run.step_times,
+        "step_samples": run.step_samples,
+        "device": str(run.tr.device),
+        "mlflow_run_id": run.mlflow_run_id,
+        "tracking_uri": run.tracking_uri,
+    }
+
+
+def _checkpoint(run: _Attempt, metrics: dict[str, Any]) -> None:
+    """Write this rank's part of the checkpoint and hand it to `ray.train.report`."""
+    plan, steps_done = run.tr.plan, metrics["step"]
+    state = {"step": steps_done, "epoch": metrics["epoch"], "total_steps": plan.total, "per_epoch": plan.per_epoch,
+             "world_size": run.world, "invocation": run.invocation, "invocation_start": run.invocation_start}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="raysys-ckpt-") as tmp:
+        write_checkpoint_files(Path(tmp), run.rank, run.tr.module, run.tr.optim, state, metrics, run.cfg)
+        # what Ray Train (and Tune, through TuneReportCallback) sees; the rest is in metrics.json
+        keep = ("step", "epoch", "epochs", "complete", "stopped", "final_loss", "loss", "lr",
+                "samples_per_s", "tokens_per_s", "world_size", "resumed_from_step")  # fmt: skip
+        report = {k: metrics[k] for k in keep}
+        report.update({f"c.{k}": v for k, v in metrics["components"].items()})
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{steps_done:08d}")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the driver
@@ -647,11 +522,9 @@ def resolve_storage(storage: str | os.PathLike) -> str:
 
 def run_exists(storage: str, name: str) -> bool:
     """Whether Ray Train has state for this run (what makes a re-run resume)."""
-    import pyarrow.fs as pafs
-
     try:
-        from ray.train.v2._internal.constants import (
-            CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,  # Ray 2.60 internals
+        from ray.train.v2._internal.constants import (  # lazy: Ray 2.60 internals, may move
+            CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
         )
 
         fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
@@ -673,16 +546,12 @@ def checkpoint_uri(ckpt) -> str:
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """`raysys.raycluster.ensure_ray`, with the workers' stderr (training progress) reaching this
     process. True when this call started Ray."""
-    from raysys.raycluster import ensure_ray as _ensure
-
-    return _ensure(num_cpus, log_to_driver=True, object_store_mb=256)
+    return _ensure_ray(num_cpus, log_to_driver=True, object_store_mb=256)
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
     if cfg.use_gpu is not None:
         return cfg.use_gpu
-    import ray
-
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -701,53 +570,17 @@ def fit(
     `tracking_base` is where the default sqlite MLflow store goes when `cfg.tracking_uri` is ""
     (default: the storage directory when it is local). `callbacks` go to `RunConfig(callbacks=…)`.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raysys import config as rconfig
-    from raysys import tracking
-
     validate(cfg)
     if not name or "/" in name:
         raise ConfigError(f"name: {name!r} must be a non-empty name without '/'")
     data = Path(data).expanduser().resolve()
     if not (data / "manifest.json").exists():
-        from raysys.contract import ContractError
-
         raise ContractError(data / "manifest.json", None, "manifest", "no dataset here (manifest.json missing)")
     storage = resolve_storage(storage)
     t0 = time.perf_counter()
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri, tracking_base if tracking_base is not None else storage)
-    run_id = None
-    if uri:
-        run_id, reopened = tracking.start_run(
-            uri, cfg.experiment, run_name=name, link=f"{storage.rstrip('/')}/{name}",
-            params={**rconfig.to_dict(cfg), "data": str(data), "storage": storage, "name": name},
-            tags={"raysys.stage": "pretrain", "raysys.storage": storage, "raysys.name": name},
-            reopen=run_exists(storage, name),  # a fresh storage dir is a new run, even if MLflow knew the name
-        )  # fmt: skip
-        log.info("%s%s", tracking.describe(uri, run_id, cfg.experiment), " (reopened)" if reopened else "")
-    use_gpu = _use_gpu(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": rconfig.to_dict(cfg),
-            "data": str(data),
-            "invocation": uuid.uuid4().hex,
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            callbacks=callbacks or None,  # e.g. TuneReportCallback() when a Tune trial runs this fit
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
+    run_id = _start_tracking(cfg, uri, data, name, storage)
+    trainer = _trainer(cfg, data, name, storage, uri, run_id, callbacks)
     try:
         result = trainer.fit()
     except BaseException:
@@ -757,6 +590,73 @@ def fit(
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError(f"run {name}: training ended without a checkpoint")
+    metrics = _finish_tracking(ckpt, result, uri, run_id, log_model)
+    return {
+        "name": name,
+        "storage": storage,
+        "final_loss": metrics.get("final_loss"),
+        "steps": metrics.get("step"),
+        "total_steps": metrics.get("total_steps"),
+        "epochs": metrics.get("epochs"),
+        "complete": bool(metrics.get("complete")),
+        "checkpoint": checkpoint_uri(ckpt),
+        "mlflow_run_id": run_id,
+        "tracking_uri": uri,
+        "experiment": cfg.experiment if uri else None,
+        "workers": metrics.get("world_size", cfg.workers),
+        "global_batch": metrics.get("global_batch"),
+        "resumed_from_step": metrics.get("resumed_from_step"),
+        "recipe": cfg.recipe,
+        "components": metrics.get("components", {}),
+        "samples_per_s": metrics.get("samples_per_s"),
+        "tokens_per_s": metrics.get("tokens_per_s"),
+        "device": metrics.get("device"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _start_tracking(cfg: TrainConfig, uri: str | None, data: Path, name: str, storage: str) -> str | None:
+    """Create (or, on resume, reopen) the run's MLflow run with the resolved config as params."""
+    if not uri:
+        return None
+    run_id, reopened = tracking.start_run(
+        uri, cfg.experiment, run_name=name, link=f"{storage.rstrip('/')}/{name}",
+        params={**rconfig.to_dict(cfg), "data": str(data), "storage": storage, "name": name},
+        tags={"raysys.stage": "pretrain", "raysys.storage": storage, "raysys.name": name},
+        reopen=run_exists(storage, name),  # a fresh storage dir is a new run, even if MLflow knew the name
+    )  # fmt: skip
+    log.info("%s%s", tracking.describe(uri, run_id, cfg.experiment), " (reopened)" if reopened else "")
+    return run_id
+
+
+def _trainer(
+    cfg: TrainConfig, data: Path, name: str, storage: str, uri: str | None, run_id: str | None, callbacks: list | None
+) -> TorchTrainer:
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": rconfig.to_dict(cfg),
+            "data": str(data),
+            "invocation": uuid.uuid4().hex,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=_use_gpu(cfg), resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks or None,  # e.g. TuneReportCallback() when a Tune trial runs this fit
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def _finish_tracking(ckpt, result, uri: str | None, run_id: str | None, log_model: bool) -> dict[str, Any]:
+    """The final checkpoint's metrics; MLflow gets its location, the complete flag and (when
+    complete and `log_model`) the config and model as artifacts, and the run is ended."""
     with ckpt.as_directory() as d:
         metrics = read_checkpoint_metrics(d) or dict(result.metrics or {})
         complete = bool(metrics.get("complete"))
@@ -767,81 +667,4 @@ def fit(
                 tracking.log_artifacts(uri, run_id, [Path(d) / CONFIG_FILE, Path(d) / MODEL_FILE])
     if uri and run_id:
         tracking.end_run(uri, run_id, "FINISHED")
-    comps = metrics.get("components", {})
-    return {
-        "name": name,
-        "storage": storage,
-        "final_loss": metrics.get("final_loss"),
-        "steps": metrics.get("step"),
-        "total_steps": metrics.get("total_steps"),
-        "epochs": metrics.get("epochs"),
-        "complete": complete,
-        "checkpoint": checkpoint_uri(ckpt),
-        "mlflow_run_id": run_id,
-        "tracking_uri": uri,
-        "experiment": cfg.experiment if uri else None,
-        "workers": metrics.get("world_size", cfg.workers),
-        "global_batch": metrics.get("global_batch"),
-        "resumed_from_step": metrics.get("resumed_from_step"),
-        "recipe": cfg.recipe,
-        "components": comps,
-        "samples_per_s": metrics.get("samples_per_s"),
-        "tokens_per_s": metrics.get("tokens_per_s"),
-        "device": metrics.get("device"),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
-# ---------------------------------------------------------------- the CLI branch
-
-
-def run_cli(args, data: dict[str, Any]) -> int:
-    """`raysys pretrain` without `--local`: `data` is the config mapping after overrides."""
-    from raysys import config as rconfig
-
-    if getattr(args, "workers", None) is not None:
-        data["workers"] = args.workers
-    if getattr(args, "steps", None) is not None:
-        data["steps"] = args.steps
-    cfg = rconfig.from_dict(TrainConfig, data)
-    validate(cfg)
-    if args.dry_run:
-        print(rconfig.dump(cfg), end="")
-        return 0
-    if getattr(args, "history", None):
-        raise ConfigError("--history is for --local runs; a Ray Train run logs every step to MLflow")
-    storage = args.storage or cfg.storage
-    if not args.name or not storage:
-        raise ConfigError("distributed pre-training needs --name and --storage (or use --local)")
-    started = ensure_ray()
-    try:
-        result = fit(cfg, args.data, args.name, storage, tracking_base=getattr(args, "out", None) or None)
-        if getattr(args, "out", None) and result["complete"]:
-            _copy_final_model(result["checkpoint"], Path(args.out), cfg)
-            result["model"] = str(Path(args.out) / MODEL_FILE)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    if result["tracking_uri"]:
-        from raysys.tracking import describe
-
-        print(describe(result["tracking_uri"], result["mlflow_run_id"], result["experiment"]), file=sys.stderr)
-    print(json.dumps(result))
-    return 0
-
-
-def _copy_final_model(checkpoint: str, out: Path, cfg: TrainConfig) -> None:
-    """`--out`: the final model.pt and resolved config next to each other, as `--local` writes."""
-    from ray.train import Checkpoint
-
-    from raysys import config as rconfig
-    from raysys.contract import write_text_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    with Checkpoint(checkpoint).as_directory() as d:
-        tmp = out / f".{MODEL_FILE}.tmp"
-        shutil.copyfile(Path(d) / MODEL_FILE, tmp)
-        os.replace(tmp, out / MODEL_FILE)
-    write_text_atomic(out / "pretrain.yaml", rconfig.dump(cfg))
+    return metrics

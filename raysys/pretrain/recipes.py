@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raysys.config import ConfigError
-
-if TYPE_CHECKING:
-    from raysys.pretrain.loop import PretrainConfig
+from raysys.pretrain.config import PretrainConfig
 
 MUVLA_GRANULARITIES = ("rt", "rp", "is")
 

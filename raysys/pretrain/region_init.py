@@ -24,13 +24,16 @@ projection (the ablation).
 from __future__ import annotations
 
 import logging
+import typing
 
 import numpy as np
 import torch
 
+from raysys.pretrain.config import RegionInit
+
 log = logging.getLogger(__name__)
 
-REGION_INITS = ("random", "tags")
+REGION_INITS: tuple[str, ...] = typing.get_args(RegionInit)
 
 
 def tag_targets(tags: list[str], word_embeddings: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray]:

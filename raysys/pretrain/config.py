@@ -1,0 +1,88 @@
+"""The pre-training configs: `PretrainConfig` (every knob of the local loop and of the core the Ray
+Train loop reuses) and `TrainConfig` (the same plus the Ray Train run settings).
+
+Config dataclasses only, importing nothing heavy: the CLI, recipes, sweeps and Tune read them
+without pulling in torch. Closed sets are `Literal`s, so `raysys.config` refuses a typo when the
+YAML or a `key=value` override is loaded, before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mixing = Literal["round_robin", "proportional", "joint"]  # raysys.pretrain.curriculum.MIXERS
+Pooling = Literal["auto", "cls", "mean"]  # raysys.pretrain.model.POOLINGS
+RegionInit = Literal["random", "tags"]  # raysys.pretrain.region_init
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of pre-training; Tune addresses them by name (`m`, `granularities`, `k`, …)."""
+
+    recipe: str = "muvla"  # see raysys.pretrain.recipes: muvla, base, random_pairs, paired_ratio, round_robin, rt+rp, …
+    granularities: list[str] = field(default_factory=lambda: ["rt", "rp", "is"])  # muvla's subset
+    mixing: Mixing = "round_robin"  # round_robin | proportional | joint (raysys.pretrain.curriculum)
+    m: int = 1  # epoch from which w_ITM weights R-P and I-S (paper: 1)
+    w_itm: bool = True  # the §3.4 weighting on/off (Table 4)
+    k: int = 5  # use retrieved pairs with rank < k (one top-max(K) retrieval serves a K sweep)
+    paired_ratio: float = 0.0  # paired_ratio recipe: fraction r of true gold pairs
+    # masking
+    mlm_prob: float = 0.15  # sentence tokens (I-S, text-only, pairs)
+    mrm_prob: float = 0.15  # regions of the pairs baseline
+    rt_tag_mask_prob: float = 0.15  # R-T: tags (whole tags)
+    rt_region_mask_prob: float = 0.15  # R-T: regions
+    rp_mask_scale: float = 1.0  # R-P: a link is masked with min(1, scale · link_score)
+    rp_text_prob: float = 0.5  # R-P: probability a sample masks the phrase side (else the region side)
+    is_neg_prob: float = 0.5  # I-S: share of negatives (random image)
+    # data
+    max_text_len: int = 40  # tokens including [CLS] and [SEP]
+    max_regions: int = 36
+    max_images: int = 0  # use only the first N eligible images (0 = all); for debugging/overfit
+    exclude_eval: bool = True  # keep gold "eval" images out of pre-training
+    num_classes: int = 0  # MRC classes; 0 = len(manifest tag_vocab)
+    # model
+    model_path: str = ""  # any HF BERT folder; "" = the packaged MiniLM
+    model_layers: int = 0  # keep the first N encoder layers (0 = all)
+    dropout: float | None = None  # None = the checkpoint's
+    pooling: Pooling = "auto"  # ITM head input: cls | mean | auto (the backbone's own; mean for MiniLM)
+    region_init: RegionInit = "random"  # random (paper) | tags: ridge map from region features to tag words (raysys.pretrain.region_init)
+    region_init_ridge: float = 1.0  # λ of that ridge regression
+    region_init_max_regions: int = 50000  # seeded sample of tagged regions the fit reads (0 = all)
+    extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
+    loss_weights: dict[str, float] = field(default_factory=dict)  # objective → factor on its loss (absent = 1)
+    # optimisation
+    batch_size: int = 32
+    lr: float = 6e-5  # paper's peak
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+    steps: int = 0  # 0 = epochs × steps_per_epoch
+    epochs: int = 1
+    steps_per_epoch: int = 0  # 0 = from the mixer (one pass over the granularity data)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig(PretrainConfig):
+    """`PretrainConfig` plus the Ray Train run settings: one flat namespace, so a YAML file or
+    `key=value` override addresses model, data, optimisation and cluster knobs alike, and Tune can
+    sweep any of them."""
+
+    workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool | None = None  # None = GPUs when the cluster has any
+    cpus_per_worker: float = 1.0  # Ray CPUs per worker; on CPU also torch's thread count (unless `threads`)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    bf16: bool = True  # CUDA only: bf16 autocast (CPU trains in float32)
+    compile: bool = False  # CUDA only: torch.compile the encoder
+    checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = epoch ends only)
+    keep_checkpoints: int = 2  # CheckpointConfig(num_to_keep)
+    max_failures: int = 1  # FailureConfig(max_failures): worker-group restarts from the latest checkpoint
+    storage: str = ""  # Ray Train storage (dir or s3://, gs://); "" = the CLI's --storage / the pipeline's OUT/train
+    tracking_uri: str = ""  # MLflow; "" = sqlite:///<storage or --out>/mlflow.db, "none" = off
+    experiment: str = "raysys-pretrain"  # MLflow experiment
+    stop_after_epochs: int = 0  # end this invocation after N more epochs (a re-run continues); 0 = run to the end
+    fail_at_step: int = 0  # failure drill: the last rank SIGKILLs itself at this step, once per invocation (0 = off)
