@@ -9,6 +9,7 @@ Every stage of raysys reads and writes a *dataset directory*::
       pairs/*.parquet      image_id, text_id, rank, score   (the weakly aligned corpus R)
       phrases/*.parquet    noun phrases of retrieved sentences, linked to regions
       gold/*.parquet       true (image_id, text_id) pairs; read only by evaluation
+      examples/*.parquet   one row per image with its retrieved texts: what pre-training reads
       embeddings/{images,texts}/*.parquet   normalised vectors searched by retrieval
       diagnostics/         JSON + Markdown reports of each stage
 
@@ -97,6 +98,37 @@ GOLD_SCHEMA = pa.schema(
     metadata={"raysys.table": "gold"},
 )
 IMAGES_COLUMNS = ("image_id", "width", "height", "boxes", "features", "tags", "tag_scores", "class_ids")
+EXAMPLES_VERSION = 1
+# A phrase of a retrieved sentence linked to a region of the image (one row of phrases/, per pair).
+LINK_TYPE = pa.struct([("phrase", pa.string()), ("char_start", pa.int32()), ("char_end", pa.int32()),
+                       ("region", pa.int32()), ("link_score", pa.float32())])  # fmt: skip
+
+
+def examples_schema(dim: int = DEFAULT_FEATURE_DIM, class_probs: pa.DataType | None = None) -> pa.Schema:
+    """Training examples (`raysys assemble`): one row per image, image-major. The image's columns
+    are the images table's (features stored once); then its K retrieved texts as parallel lists
+    (`links`: per text, its phrase links), a seeded random text, and its gold texts."""
+    image = [f for f in images_schema(dim) if f.name != "source"]
+    if class_probs is not None:
+        image.append(pa.field("class_probs", class_probs))
+    return pa.schema(
+        image
+        + [
+            ("gold_eval", pa.bool_()),  # in the gold "eval" split: pre-training leaves it out
+            ("text_id", pa.list_(pa.string())),  # retrieved texts, by (rank, text_id)
+            ("text", pa.list_(pa.string())),
+            ("rank", pa.list_(pa.int16())),
+            ("score", pa.list_(pa.float32())),
+            ("links", pa.list_(pa.list_(LINK_TYPE))),  # per retrieved text, by (char_start, char_end, region)
+            ("random_text_id", pa.string()),  # the `random_pairs` baseline's text (null: not eligible)
+            ("random_text", pa.string()),
+            ("gold_text_id", pa.list_(pa.string())),  # true pairs, by text_id (gold/; empty without it)
+            ("gold_text", pa.list_(pa.string())),
+            ("gold_split", pa.list_(pa.string())),
+        ],
+        metadata={"raysys.table": "examples", "raysys.feature_dim": str(dim),
+                  "raysys.examples_version": str(EXAMPLES_VERSION)},  # fmt: skip
+    )
 
 
 def schema_for(table: str, dim: int = DEFAULT_FEATURE_DIM) -> pa.Schema:

@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "train": "raysys.bench.train",
     "zeroshot-flickr8k": "raysys.bench.zeroshot",
     "device": "raysys.bench.device",
+    "startup": "raysys.bench.startup",
 }
 
 

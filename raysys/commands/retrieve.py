@@ -1,6 +1,7 @@
-"""`raysys embed`, `raysys retrieve`, `raysys phrases`: the weakly aligned corpus, stage by stage.
+"""`raysys embed`, `raysys retrieve`, `raysys phrases`, `raysys assemble`: the weakly aligned corpus,
+stage by stage, and the training examples made of it.
 
-Settings come from the `retrieval` / `phrases` sections of a pipeline YAML (`--config`), then
+Settings come from the `retrieval` / `phrases` / `assemble` sections of a pipeline YAML (`--config`), then
 `key=value` overrides (relative to the section: `k=10`, `embed.batch_size=64`), then the flags.
 """
 
@@ -38,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phrases", help="noun phrases of retrieved sentences linked to regions → DIR/phrases/")
     _common(p)
     p.set_defaults(func=_phrases)
+
+    p = sub.add_parser("assemble", help="training examples: one row per image with its retrieved texts → DIR/examples/")
+    _common(p)
+    p.add_argument("--k", type=int, default=None, help="keep retrieved texts with rank < k (default: all stored ranks)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random_pairs texts (default 0)")
+    p.add_argument("--check", action="store_true", help="only validate DIR/examples/ (exit 2 with one line when bad)")
+    p.set_defaults(func=_assemble)
 
 
 def _flags(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
@@ -103,3 +111,13 @@ def _phrases(args: argparse.Namespace) -> int:
 
     cfg = config.load(PhrasesConfig, args.config, list(args.overrides or []), section="phrases")
     return _print(_with_ray(lambda: extract_phrases(args.data, cfg)))
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from raysys import config
+    from raysys.corpus.assemble import AssembleConfig, assemble, check_examples
+
+    if args.check:
+        return _print(check_examples(args.data))
+    cfg = config.load(AssembleConfig, args.config, _flags(args, {"k": "k", "seed": "seed"}), section="assemble")
+    return _print(assemble(args.data, cfg))

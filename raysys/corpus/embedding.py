@@ -476,6 +476,8 @@ def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[
     try:
         for batch in batches:
             vec = batch["vector"]
+            if dim is None:  # the stage's first output: `raysys bench startup` times its start-up to here
+                log.info("embedding: first batch at the driver (%d rows)", len(vec))
             dim = vec.shape[1]
             tables, names = batch["table"], np.array([os.path.basename(str(p)) for p in batch["path"]])
             for key in sorted(set(zip(tables.tolist(), names.tolist()))):

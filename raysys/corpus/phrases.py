@@ -224,6 +224,8 @@ def extract_phrases(
         vec_parts: list[np.ndarray] = []
         n_rows = 0
         for b in _run_phraser(items, cfg):
+            if not vec_parts and not tag_vec:  # the stage's first output: `raysys bench startup` times its start-up to here
+                log.info("phrases: first batch at the driver (%d rows)", len(b["kind"]))
             v = np.asarray(b["vector"], np.float32)
             for j in range(len(b["kind"])):
                 if b["kind"][j] == "tag":

@@ -370,6 +370,8 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
     use_ray = cfg.ray == "always" or (cfg.ray == "auto" and len(pair_img) >= cfg.shard_min_pairs)
     t_score = time.perf_counter()
     workers = 0
+    # inputs ready, first step next: `raysys bench startup` times the start-up to this line
+    log.info("zeroshot: scoring %d pairs (%s)", len(pair_img), "Ray actors" if use_ray else f"in process, {device}")
     if use_ray:
         inp.model = None  # the actors build their own
         scores, workers = _score_with_ray(inp.source, inp.corpus, inp.tokens, pair_img, pair_txt, cfg)
