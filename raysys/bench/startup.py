@@ -130,9 +130,9 @@ def _floor_train(storage: str) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raysys.pretrain.ray_train import ensure_ray  # the same Ray settings as `raysys pretrain`
+    from raysys.raycluster import ensure_ray
 
-    ensure_ray()
+    ensure_ray(log_to_driver=True, object_store_mb=256)  # the Ray settings of `raysys pretrain` (ray_train.ensure_ray)
     TorchTrainer(_floor_loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
                  run_config=RunConfig(name="floor", storage_path=storage)).fit()  # fmt: skip
     ray.shutdown()
@@ -164,7 +164,8 @@ def command_lines(world: Path, work: Path) -> dict[str, list[str]]:
 
 
 def floor_line(kind: str, work: Path) -> list[str]:
-    return [sys.executable, "-m", "raysys.bench.startup", "--floor", kind, "--work", str(work / f"floor-{kind}")]
+    """A floor run; `work` must be new for each run (a Ray Train run of an existing name would resume)."""
+    return [sys.executable, "-m", "raysys.bench.startup", "--floor", kind, "--work", str(work)]
 
 
 def summarize(first: dict[str, float | None], floors: dict[str, float], walls: dict[str, float] | None = None,
@@ -215,14 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         floors: dict[str, float] = {}
         floor_totals: dict[str, float] = {}
-        for kind in sorted({MARKERS[n][0] for n in names}):
-            runs = [_measure(floor_line(kind, work), FLOOR_MARK, env, cwd, args.timeout, f"floor {kind}")
-                    for _ in range(max(1, args.repeats))]  # fmt: skip
-            floors[kind] = min(r.first(FLOOR_MARK) or 0.0 for r in runs)
-            floor_totals[kind] = min(r.wall_s for r in runs)
         first: dict[str, float | None] = {}
         walls: dict[str, float] = {}
-        for rep in range(max(1, args.repeats)):
+        for rep in range(max(1, args.repeats)):  # floors and commands interleaved: a load spike hits both
+            for kind in sorted({MARKERS[n][0] for n in names}):
+                r = _measure(floor_line(kind, work / f"floor-{kind}-{rep}"), FLOOR_MARK, env, cwd, args.timeout, f"floor {kind}")
+                floors[kind] = min(floors.get(kind, float("inf")), r.first(FLOOR_MARK) or 0.0)
+                floor_totals[kind] = min(floor_totals.get(kind, float("inf")), r.wall_s)
             world = work / f"world-{rep}"
             shutil.rmtree(world, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "raysys.cli", "world", "--images", str(args.images), "--seed", "0",

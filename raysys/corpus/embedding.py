@@ -13,10 +13,13 @@ every candidate sentence with the same model; retrieval is then cosine similarit
   while true classes repeat.
 * **Pipeline** (`embed`): `ray.data.read_parquet` of the images / texts shards →
   `map_batches(Embedder, compute=ActorPoolStrategy(size=n), batch_size=…, num_gpus=1 when GPUs
-  exist)`; each actor loads the model once. The driver reassembles the rows of each input shard
-  and writes `embeddings/{images,texts}/part-NNNNN.parquet` (`id`, `vector`: unit-norm float32),
-  shard *i* holding the rows of input shard *i* in input order. A shard exists only when complete,
-  so a killed run re-embeds only the input shards that have no output yet.
+  exist)`; each actor loads the model once. Small inputs (≤ `IN_DRIVER_ROWS` rows) skip the
+  read tasks: the driver reads the same columns and hands them over with `ray.data.from_arrow`;
+  the default pool is sized to the work (`ROWS_PER_ACTOR`): fixed start-up, docs/benchmarks.md.
+  The driver reassembles the rows of each input shard and writes
+  `embeddings/{images,texts}/part-NNNNN.parquet` (`id`, `vector`: unit-norm float32), shard *i*
+  holding the rows of input shard *i* in input order. A shard exists only when complete, so a
+  killed run re-embeds only the input shards that have no output yet.
 * **Determinism** (`Embedder.encode`): a sentence's embedding must not depend on which other
   sentences shared its batch, or a resumed run would differ from an uninterrupted one in the last
   bits (padding to a different length changes float rounding; measured 1.2e-7). The embedder
@@ -65,7 +68,7 @@ class EmbedConfig:
     query: QueryMode = "regions"  # image query: "regions" (one tag per region, by score) or "distinct" (each tag once)
     batch_size: int = 128  # sentences per forward pass inside an actor
     block_rows: int = 2048  # rows per Ray Data block = per actor call
-    actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cluster CPU
+    actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cluster CPU; at most one per ROWS_PER_ACTOR rows
     cpus_per_actor: float = 0.5  # fractional: whole-CPU actors deadlock a 2-CPU Ray Data pool (STACK-NOTES)
     threads_per_actor: int = 1  # torch intra-op threads of a CPU actor
     strict: bool = False  # an image without tags (no query) fails the run; else it is skipped and counted
@@ -222,6 +225,13 @@ class Embedder:
 # ---------------------------------------------------------------- Ray plumbing
 
 
+#: Rows of work that pay for one more actor of a default-sized pool. An actor's start-up is ~12 s of
+#: CPU (torch + sentence_transformers imports, the model) before its first row, about what one
+#: actor takes to embed a few thousand short sentences: below that, a second actor only competes
+#: with the first for the CPUs while both start (`raysys bench startup`, docs/benchmarks.md).
+ROWS_PER_ACTOR = 4096
+
+
 def actor_resources(actors: int, cpus_per_actor: float) -> tuple[int, float, float]:
     """(pool size, CPUs per actor, GPUs per actor): one actor per GPU when the cluster has GPUs."""
     import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
@@ -231,6 +241,13 @@ def actor_resources(actors: int, cpus_per_actor: float) -> tuple[int, float, flo
     if gpus > 0:
         return (actors or gpus), 1.0, 1.0
     return (actors or max(1, int(res.get("CPU", 1)))), cpus_per_actor, 0.0
+
+
+def sized_to_work(n: int, rows: int, actors: int) -> int:
+    """The pool size: `actors` when set, else `n` (from `actor_resources`) but at most one actor
+    per `ROWS_PER_ACTOR` rows. Callers cut their blocks for `n` first: the batches, and so the
+    vectors to the last bit, do not depend on how many actors process them."""
+    return actors or max(1, min(n, -(-rows // ROWS_PER_ACTOR)))
 
 
 def block_rows_for(rows: int, actors: int, block_rows: int) -> int:
@@ -407,7 +424,52 @@ def embed(
     return report
 
 
+#: Inputs up to this many rows are read by the driver and handed to Ray Data as Arrow blocks: the
+#: read tasks of `read_parquet` (file listing, reading, the query map, the union) each need a Ray
+#: worker process, seconds of start-up apiece that a small input never earns back.
+IN_DRIVER_ROWS = 100_000
+
+
+def _driver_rows(todo: dict[str, dict[str, Any]], cfg: EmbedConfig) -> list[pa.Table]:
+    """The rows `_read_dataset` reads with Ray Data, read here instead: the same columns and query
+    strings, one table (= one block, as `read_parquet` makes) per input file, in the same order."""
+    parts = []
+    for table, p in todo.items():
+        for i in p["pending"]:
+            f = p["files"][i]
+            cols = ["image_id", "tags", "tag_scores"] if table == "images" else ["text_id", "text"]
+            t = pq.read_table(f, columns=cols)
+            t = t.append_column("path", pa.array([str(f)] * t.num_rows, pa.string()))
+            parts.append(_queries_block(t, cfg.query) if table == "images" else _texts_block(t))
+    return parts
+
+
 def _dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
+    import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
+
+    rows = sum(_file_rows(p["files"][i]) for p in todo.values() for i in p["pending"])
+    n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
+    block = block_rows_for(rows, n, cfg.block_rows)
+    n = sized_to_work(n, rows, cfg.actors)
+    if rows <= IN_DRIVER_ROWS:
+        ds = ray.data.from_arrow(_driver_rows(todo, cfg))
+    else:
+        ds = _read_dataset(todo, cfg)
+    # One input file is one block: without this only one actor would get work.
+    ds = ds.repartition(target_num_rows_per_block=block)
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size, "threads": cfg.threads_per_actor},
+        compute=ray.data.ActorPoolStrategy(size=n),
+        batch_size=block,
+        batch_format="numpy",
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+
+
+def _read_dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
+    """Large inputs: the (table, path, id, text) rows read and mapped by Ray Data tasks."""
     import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
 
     parts = []
@@ -420,20 +482,7 @@ def _dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
         else:
             ds = ray.data.read_parquet(paths, include_paths=True).select_columns(["text_id", "text", "path"])
             parts.append(ds.map_batches(_texts_block, batch_format="pyarrow", batch_size=None))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
-    block = block_rows_for(sum(_file_rows(p["files"][i]) for p in todo.values() for i in p["pending"]), n, cfg.block_rows)
-    # One input file is one block: without this only one actor would get work.
-    ds = ds.repartition(target_num_rows_per_block=block)
-    return ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size, "threads": cfg.threads_per_actor},
-        compute=ray.data.ActorPoolStrategy(size=n),
-        batch_size=block,
-        batch_format="numpy",
-        num_cpus=cpus,
-        num_gpus=gpus,
-    )
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[Path], None] | None) -> None:

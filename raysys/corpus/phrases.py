@@ -57,6 +57,7 @@ from raysys.corpus.embedding import (
     model_id,
     normalise_tag,
     reset_if_stale,
+    sized_to_work,
 )
 from raysys.raycluster import ensure_ray
 
@@ -74,7 +75,7 @@ class PhrasesConfig:
     block_rows: int = 512  # sentences per actor call
     pipe_batch_size: int = 128  # nlp.pipe batch size
     embed_batch_size: int = 128
-    actors: int = 0  # 0: one per GPU, else one per cluster CPU
+    actors: int = 0  # 0: one per GPU, else one per cluster CPU; at most one per ROWS_PER_ACTOR rows (embedding)
     cpus_per_actor: float = 0.5
     threads_per_actor: int = 1
     drop_pronouns: bool = True
@@ -138,6 +139,7 @@ def _run_phraser(items: pa.Table, cfg: PhrasesConfig):
 
     n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
     block = block_rows_for(items.num_rows, n, cfg.block_rows)
+    n = sized_to_work(n, items.num_rows, cfg.actors)  # after the blocks: same batches, same vectors
     ds = ray.data.from_arrow(items).repartition(target_num_rows_per_block=block)
     ds = ds.map_batches(
         Phraser,

@@ -48,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -66,12 +66,13 @@ from raysys.config import ConfigError
 from raysys.contract import ContractError
 from raysys.plugins import load_plugins
 from raysys.pretrain.config import TrainConfig
-from raysys.pretrain.loop import Trainee, make_trainee, prepare
-from raysys.pretrain.model import CHECKPOINT_FORMAT, save_checkpoint
 from raysys.pretrain.optim import Optimizer
 from raysys.pretrain.recipes import resolve
 from raysys.raycluster import ensure_ray as _ensure_ray
 from raysys.tracking import MetricBuffer
+
+if TYPE_CHECKING:
+    from raysys.pretrain.loop import Trainee
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def write_checkpoint_files(
 ) -> None:  # fmt: skip
     """Rank 0 writes the shared files (model, optimiser, scheduler, metrics, config); every rank
     writes its RNG state. Ray Train merges the ranks' directories into one checkpoint."""
+    from raysys.pretrain.model import save_checkpoint  # lazy: transformers; only workers need it
+
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / rng_file(rank))
     if rank != 0:
@@ -191,6 +194,8 @@ def restore_checkpoint(directory: Path, tr: Trainee, rank: int, world: int, seed
     """Load a checkpoint into this rank's trainee (model, optimiser, scheduler, RNG); returns its
     train state. With another worker count the RNG streams cannot be restored: the rank reseeds
     (the run continues, but not bit-for-bit)."""
+    from raysys.pretrain.model import CHECKPOINT_FORMAT  # lazy: transformers; only workers need it
+
     payload = safe_load(directory / MODEL_FILE)
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ContractError(directory / MODEL_FILE, None, "format", "not a raysys model checkpoint")
@@ -313,6 +318,8 @@ def set_threads(cfg: TrainConfig, device) -> None:
 def _worker_trainee(cfg: TrainConfig, data: str, rank: int, world: int, device: torch.device) -> Trainee:
     """This rank's shard, and a trainee whose mixer every rank agrees on (batch counts all-reduced
     with MIN), its model placed by Ray Train (DDP when world > 1)."""
+    from raysys.pretrain.loop import make_trainee, prepare  # lazy: transformers; only workers need it
+
     setup = prepare(cfg, data, rank, world)
     names = list(setup.recipe.granularities)
     local = [float(len(setup.streams[g])) for g in names]
