@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from raysys.contract import ContractError, read_manifest, region_arrays, shard_files
-from raysys.pretrain.granularities import Corpus, Sample, assemble
-from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, location_features
+from raysys.contract import ContractError, read_manifest, shard_files
+from raysys.pretrain.granularities import Corpus, Sample, assemble, read_image_parts
+from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint
 from raysys.pretrain.objectives import IGNORE
 
 log = logging.getLogger(__name__)
@@ -194,31 +192,8 @@ def load_images(root: str | Path, ids: list[str] | None = None, max_regions: int
     """
     root = Path(root)
     man = read_manifest(root)
-    want = None if ids is None else set(ids)
-    parts: dict[str, dict[str, Any]] = {}
-    dim = int(man.get("feature_dim") or 0)
-    for f in shard_files(root, "images"):
-        t = pq.read_table(f)
-        if want is not None:
-            t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(want), pa.string())))
-        if t.num_rows == 0:
-            continue
-        arr = region_arrays(t)
-        dim = arr["features"].shape[1]
-        cls_flat = np.asarray(t.column("class_ids").combine_chunks().values, dtype=np.int64)
-        tags_flat = t.column("tags").combine_chunks().values.to_pylist()
-        W, H = t.column("width").to_numpy(), t.column("height").to_numpy()
-        for r, iid in enumerate(t.column("image_id").to_pylist()):
-            lo, hi = int(arr["offsets"][r]), int(arr["offsets"][r + 1])
-            hi = min(hi, lo + max_regions)
-            parts[iid] = {
-                "features": arr["features"][lo:hi],
-                "boxes": arr["boxes"][lo:hi],
-                "loc": location_features(arr["boxes"][lo:hi], W[r], H[r]),
-                "class_ids": cls_flat[lo:hi],
-                "tags": tags_flat[lo:hi],
-                "size": (int(W[r]), int(H[r])),
-            }
+    parts, read_dim = read_image_parts(root, None if ids is None else set(ids), max_regions)
+    dim = read_dim if read_dim is not None else int(man.get("feature_dim") or 0)
     order = list(ids) if ids is not None else sorted(parts)
     missing = [i for i in order if i not in parts]
     if missing:

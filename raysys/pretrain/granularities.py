@@ -147,14 +147,20 @@ def _eligible_images(root: Path, gold: pa.Table | None, cfg: PretrainConfig) -> 
     return eligible
 
 
-def _read_image_parts(root: Path, mine: set[str], max_regions: int) -> tuple[dict[str, dict[str, Any]], int | None]:
-    """Per image of `mine`: its first `max_regions` regions' arrays; and the feature dimension read
-    (None when no shard held one of `mine`)."""
+def read_image_parts(
+    root: Path, mine: set[str] | None, max_regions: int
+) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """Per image of `mine` (every image when None): its first `max_regions` regions' arrays
+    (features, boxes, location features, class ids, tags, stored class distributions or None) and
+    its size; and the feature dimension read (None when no shard held one of `mine`). Pre-training
+    and the downstream tasks read images through this one function, so they truncate and encode
+    regions alike."""
     dim = None
     parts: dict[str, dict[str, Any]] = {}
     for f in shard_files(root, "images"):
         t = pq.read_table(f)
-        t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(mine), pa.string())))
+        if mine is not None:
+            t = t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(mine), pa.string())))
         if t.num_rows == 0:
             continue
         arr = region_arrays(t)
@@ -173,17 +179,19 @@ def _read_image_parts(root: Path, mine: set[str], max_regions: int) -> tuple[dic
             hi = min(hi, lo + max_regions)
             parts[iid] = {
                 "features": arr["features"][lo:hi],
+                "boxes": arr["boxes"][lo:hi],
                 "loc": location_features(arr["boxes"][lo:hi], W[r], H[r]),
                 "class_ids": cls_flat[lo:hi],
                 "tags": tags_flat[lo:hi],
                 "probs": probs_flat[lo:hi] if probs_flat is not None else None,
+                "size": (int(W[r]), int(H[r])),
             }
     return parts, dim
 
 
 def _load_images(root: Path, man: dict[str, Any], cfg: PretrainConfig, mine_order: list[str]) -> Corpus:
     """The corpus of this shard's images (in `mine_order`), regions truncated to `max_regions`."""
-    parts, read_dim = _read_image_parts(root, set(mine_order), cfg.max_regions)
+    parts, read_dim = read_image_parts(root, set(mine_order), cfg.max_regions)
     dim = read_dim if read_dim is not None else int(man.get("feature_dim") or 0)
     image_ids = [i for i in mine_order if i in parts]
     counts = np.array([len(parts[i]["class_ids"]) for i in image_ids], dtype=np.int64)
