@@ -506,31 +506,6 @@ def part_faiss(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     return out
 
 
-def _gpu_features(feat: Any, images: list[np.ndarray], boxes: list[np.ndarray], device: str) -> list[np.ndarray]:
-    """`EfficientNetLite0.features` with the tensors on `device`: the same resize, TF-Lite
-    normalisation, feature map and raysys `roi_align`, one batched forward. (The backend itself
-    builds its input on the CPU; this is its GPU path until it takes a device.)"""
-    import cv2
-    import torch
-
-    from raysys.data.detectors import roi_align
-
-    size = feat.input_size
-    batch = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA if min(im.shape[:2]) > size
-                                 else cv2.INTER_LINEAR) for im in images])  # fmt: skip
-    x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
-    rois = []
-    for j, (im, b) in enumerate(zip(images, boxes)):
-        h, w = im.shape[:2]
-        b = np.asarray(b, np.float32).reshape(-1, 4) * np.array([size / w, size / h] * 2, np.float32)
-        rois.append(np.concatenate([np.full((len(b), 1), j, np.float32), b], 1))
-    with torch.inference_mode():
-        fmap = feat.model.extract_features(x)
-        pooled = roi_align(fmap, torch.from_numpy(np.concatenate(rois)).to(device), feat.roi_pool,
-                           spatial_scale=fmap.shape[-1] / size, sampling_ratio=2, aligned=True).mean(dim=(2, 3))  # fmt: skip
-    return list(np.split(pooled.float().cpu().numpy(), np.cumsum([len(r) for r in rois])[:-1]))
-
-
 def part_featurize(ctx: Ctx, budget: Budget) -> dict[str, Any]:
     """Images/s of decode → YOLOv3-tiny → EfficientNet-Lite0 region features, features batched on
     the GPU; GPU features compared with the CPU backend's on the first batch."""
@@ -561,7 +536,8 @@ def part_featurize(ctx: Ctx, budget: Budget) -> dict[str, Any]:
             det.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
             det.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
             detector_target = "cuda (OpenCV DNN)"
-    feat.model.to(ctx.device)
+    feat.model.to(ctx.device)  # the backend runs on its network's device
+    feat.forward_batch = ctx.sizes.feature_batch  # one batched forward per batch of photos
     times = {"decode": 0.0, "detect": 0.0, "features": 0.0}
     done, regions_n, diff = 0, 0, None
     for lo in range(0, len(files), ctx.sizes.feature_batch):
@@ -576,7 +552,7 @@ def part_featurize(ctx: Ctx, budget: Budget) -> dict[str, Any]:
         boxes = [assemble_regions(d, im.shape[1], im.shape[0], cfg.max_regions, cfg.grid)["boxes"]
                  for d, im in zip(det.detect(imgs), imgs)]  # fmt: skip
         t2 = time.perf_counter()
-        feats = _gpu_features(feat, imgs, boxes, ctx.device)
+        feats = feat.features(imgs, boxes)
         t3 = time.perf_counter()
         if diff is None:  # once, untimed: the same backend on the CPU
             feat.model.to("cpu")

@@ -355,7 +355,8 @@ class EfficientNetLite0(RegionFeatures):
                 for im in images
             ]
         )
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
+        device = next(self.model.parameters()).device  # the network's device: `model.to("cuda")` moves the backend
+        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)
         with torch.inference_mode():
             return torch.cat([self.model.extract_features(c) for c in x.split(self.forward_batch)])
 
@@ -371,12 +372,12 @@ class EfficientNetLite0(RegionFeatures):
             scale = np.array([self.input_size / w, self.input_size / h] * 2, np.float32)
             b = np.asarray(b, np.float32).reshape(-1, 4) * scale
             rois.append(np.concatenate([np.full((len(b), 1), i, np.float32), b], 1))
-        rois_t = torch.from_numpy(np.concatenate(rois))
+        rois_t = torch.from_numpy(np.concatenate(rois)).to(fmap.device)
         with torch.inference_mode():
             pooled = roi_align(
                 fmap, rois_t, self.roi_pool, spatial_scale=fmap.shape[-1] / self.input_size, sampling_ratio=2, aligned=True
             ).mean(dim=(2, 3))
-        feats = pooled.numpy()
+        feats = pooled.float().cpu().numpy()
         splits = np.cumsum([len(r) for r in rois])[:-1]
         return list(np.split(feats, splits))
 
