@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raysys import config
-from raysys.config import ConfigError
+from raysys.cli import quiet_loggers, run_guarded
 from raysys.env import apply_offline_env
 from raysys.raycluster import connect_ray
 
@@ -45,6 +45,7 @@ def parser(prog: str, description: str, *, out_help: str) -> argparse.ArgumentPa
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (no Ray)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error (exit status 2)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -61,6 +62,7 @@ def setup(args: argparse.Namespace) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_loggers(getattr(args, "verbose", False))
 
 
 def on_cluster(args: argparse.Namespace, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -93,21 +95,17 @@ def stage_main(prog: str, description: str, *, out_help: str, stages: list[str],
 
 
 def main(fn: Callable[[argparse.Namespace], dict[str, Any] | None], args: argparse.Namespace) -> int:
-    """Run an entrypoint body; expected failures become one line on stderr and exit status 2."""
+    """Run an entrypoint body; a user error becomes one line on stderr and exit status 2 (the
+    `raysys` command's rule, `raysys.cli.run_guarded`); its result is the last line, compact JSON."""
     setup(args)
-    prog = f"jobs/{Path(sys.argv[0]).name}"
-    try:
-        result = fn(args)
-    except ValueError as e:  # ConfigError and raysys.contract.ContractError are ValueErrors
-        from raysys.contract import ContractError  # lazy: numpy + pyarrow; keeps --help instant
 
-        if not isinstance(e, (ConfigError, ContractError)):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    if result is not None:
-        print(json.dumps(result, default=str))
-    return 0
+    def body() -> int:
+        result = fn(args)
+        if result is not None:
+            print(json.dumps(result, default=str, separators=(",", ":")))
+        return 0
+
+    return run_guarded(body, f"jobs/{Path(sys.argv[0]).name}", debug=getattr(args, "debug", False))
 
 
 def dry_run(cfg: Any, text: str | None = None) -> None:

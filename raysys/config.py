@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -23,9 +24,47 @@ class ConfigError(ValueError):
     pass
 
 
+# Count fields that must be >= 1 wherever a config declares them with a positive default. A field
+# whose default is 0 (`steps: int = 0  # 0 = epochs x steps per epoch`) keeps 0 as its "derive
+# it" value; a dataclass adds its own names with a `POSITIVE: ClassVar[tuple[str, ...]]`.
+POSITIVE_COUNTS = frozenset({
+    "images", "epochs", "batch_size", "k", "shards", "workers", "grad_accum", "block_rows", "query_batch",
+    "shard_size", "rows_per_shard", "captions_per_image", "embed_batch_size", "pipe_batch_size", "eval_batch_size",
+    "chunk_pairs", "shard_min_pairs", "num_answers", "max_side", "detector_input", "feature_input", "roi_pool",
+    "feature_batch", "max_regions", "max_text_len", "feature_dim", "coarse_top_n", "threads_per_actor",
+})  # fmt: skip
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping with the same key twice: YAML would silently keep
+    the last one, so `lr: 1e-4` further down a file would undo the `lr` a reader sees first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {line})",
+                                                            key_node.start_mark)  # fmt: skip
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load` that also refuses duplicate keys: never executes code, never guesses."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_value(text: str) -> Any:
     """Parse an override's value as a YAML scalar/list (`5`, `0.1`, `true`, `[a, b]`, `null`)."""
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override value {text!r}: not valid YAML: {str(e).splitlines()[0]}") from None
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -97,6 +136,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -114,7 +155,24 @@ def from_dict(cls: type[T], data: dict | None, path: str = "") -> T:
     if unknown:
         raise ConfigError(f"{path or cls.__name__}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    _check_counts(cls, kwargs, path)
     return cls(**kwargs)
+
+
+def _check_counts(cls: type, kwargs: dict[str, Any], path: str) -> None:
+    """No config integer is negative; a count with a positive default (POSITIVE_COUNTS, the
+    class's own POSITIVE) is at least 1. Checked while parsing, so `--dry-run` shows it too."""
+    positive = POSITIVE_COUNTS | set(getattr(cls, "POSITIVE", ()))
+    for f in dataclasses.fields(cls):
+        v = kwargs.get(f.name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            continue
+        name = f"{path}.{f.name}" if path else f.name
+        if v < 0:
+            raise ConfigError(f"{name}: {v} is negative")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if v == 0 and f.name in positive and isinstance(default, int) and default > 0:
+            raise ConfigError(f"{name}: must be at least 1, got 0")
 
 
 def to_dict(obj: Any) -> Any:
@@ -132,9 +190,15 @@ def load_yaml(path: str | Path | None) -> dict:
         return {}
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = safe_load(p.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, expected a YAML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a YAML text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -51,6 +51,9 @@ class ContractError(ValueError):
         where = f"row {row}" if row is not None else "file"
         super().__init__(f"{file}: {where}: field '{field}': {problem}")
 
+    def __reduce__(self):  # pickles through Ray (a task's error reaches the driver as itself)
+        return (type(self), (self.file, self.row, self.field, self.problem))
+
 
 # ---------------------------------------------------------------- schemas
 
@@ -273,14 +276,44 @@ def check_text(text: Any, file: str | os.PathLike, row: int, field: str = "text"
             raise ContractError(file, row, field, f"not valid UTF-8 (byte {e.start})") from None
     if text is None or not str(text).strip():
         raise ContractError(file, row, field, "empty text")
+    if "\x00" in str(text):
+        raise ContractError(file, row, field, f"text contains a NUL byte (character {str(text).index(chr(0))})")
     return str(text)
 
 
-def validate_texts(table: pa.Table, file: str | os.PathLike, row_offset: int = 0) -> None:
+def check_ids(table: pa.Table, column: str, file: str | os.PathLike, row_offset: int = 0,
+              seen: dict[str, tuple[str, int]] | None = None) -> None:  # fmt: skip
+    """Ids are UTF-8, not blank, free of control characters and unique (`seen`: ids of the rows
+    before, across shards, with where they were first seen)."""
+    try:
+        values = table.column(column).to_pylist()
+    except UnicodeDecodeError as e:
+        raise ContractError(file, None, column, f"an id is not valid UTF-8 (byte {e.start})") from None
+    seen = {} if seen is None else seen
+    for i, v in enumerate(values):
+        row = row_offset + i
+        if not isinstance(v, str) or not v.strip():
+            raise ContractError(file, row, column, "empty id")
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ContractError(file, row, column, f"id contains the control character {bad!r}")
+        first = seen.setdefault(v, (str(file), row))
+        if first != (str(file), row):
+            where = f"row {first[1]}" if first[0] == str(file) else f"{first[0]} row {first[1]}"
+            raise ContractError(file, row, column, f"duplicate id {v!r} (first at {where})")
+
+
+def validate_texts(table: pa.Table, file: str | os.PathLike, row_offset: int = 0,
+                   seen: dict[str, tuple[str, int]] | None = None) -> None:  # fmt: skip
     for name in ("text_id", "text"):
         if name not in table.schema.names:
             raise ContractError(file, None, name, "missing column")
-    for i, t in enumerate(table.column("text").to_pylist()):
+    check_ids(table, "text_id", file, row_offset, seen)
+    try:
+        values = table.column("text").to_pylist()
+    except UnicodeDecodeError as e:
+        raise ContractError(file, None, "text", f"a text is not valid UTF-8 (byte {e.start})") from None
+    for i, t in enumerate(values):
         check_text(t, file, row_offset + i)
 
 
@@ -292,15 +325,19 @@ def validate_dataset(path: str | os.PathLike) -> dict[str, int]:
     counts: dict[str, int] = {}
     for table in TABLES:
         n = 0
+        seen: dict[str, tuple[str, int]] = {}  # ids are unique per table, across its shards
         for f in shard_files(root, table):
             pf = pq.ParquetFile(f)
+            row = 0  # rows are numbered per file, as in every other ContractError
             for batch in pf.iter_batches(batch_size=4096):
                 t = pa.Table.from_batches([batch])
                 if table == "images":
-                    validate_images(t, f, dim, n)
+                    validate_images(t, f, dim, row)
+                    check_ids(t, "image_id", f, row, seen)
                 elif table == "texts":
-                    validate_texts(t, f, n)
+                    validate_texts(t, f, row, seen)
                 n += t.num_rows
+                row += t.num_rows
         if n or (root / table).exists():
             counts[table] = n
     return counts

@@ -20,10 +20,16 @@ worker, a Tune trial and the driver may each hold a run at once without stepping
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -212,6 +218,91 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[str | os.PathLike], art
             c.log_artifacts(run_id, str(p), artifact_path)
         else:
             c.log_artifact(run_id, str(p), artifact_path)
+
+
+# ---------------------------------------------------------------- provenance: source, data, curve, model
+
+
+def redact(text: str) -> str:
+    """A URI's password never reaches MLflow: `scheme://user:secret@host` → `scheme://user:***@host`."""
+    return re.sub(r"(://[^/\s:@]+:)[^@/\s]+@", r"\1***@", text)
+
+
+def source_tags(argv: Iterable[str] | None = None) -> dict[str, str]:
+    """Where a run came from: the git commit of the raysys checkout (when it is one), whether it
+    had uncommitted changes, and the command line (passwords in URIs redacted)."""
+    root = Path(__file__).resolve().parents[1]
+    tags = {"mlflow.source.name": "raysys", "mlflow.source.type": "LOCAL",
+            "raysys.command": redact(" ".join(argv if argv is not None else sys.argv))[:5000]}  # fmt: skip
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            tags["raysys.git.dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def log_dataset(uri: str, run_id: str, data: str | os.PathLike, context: str = "training") -> None:
+    """The dataset directory as an MLflow dataset input, its digest the manifest's hash (the
+    manifest records every stage's inputs and counts, so equal digests mean equal data)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag  # lazy: see client()
+
+    root = Path(data).expanduser().resolve()
+    manifest = root / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:36] if manifest.exists() else "none"
+    ds = Dataset(name=root.name or str(root), digest=digest, source_type="local", source=json.dumps({"uri": str(root)}))
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def log_loss_curve(uri: str, run_id: str, keys: Iterable[str] = ("loss",), artifact: str = "loss_curve.png") -> bool:
+    """The logged history of `keys` as one figure artifact; False when nothing was logged."""
+    import matplotlib  # lazy: only a finished run draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = client(uri)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    drawn = False
+    for k in keys:
+        hist = sorted(c.get_metric_history(run_id, k), key=lambda m: m.step)
+        if hist:
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=k)
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        c.log_figure(run_id, fig, artifact)
+    plt.close(fig)
+    return drawn
+
+
+def log_model_files(uri: str, run_id: str, files: Iterable[str | os.PathLike], name: str = "model",
+                    params: Mapping[str, Any] | None = None) -> str:  # fmt: skip
+    """The documented equivalent of `mlflow.pytorch.log_model` for raysys checkpoints: an MLflow
+    *logged model* (MLflow 3) linked to the run, holding the weights-only `model.pt` and its
+    config. `mlflow.pytorch.log_model` would pickle the module, and loading that runs code; a
+    raysys checkpoint loads with `weights_only=True` (`raysys.pretrain.model.load_checkpoint`).
+    Returns the model id."""
+    from mlflow.entities import LoggedModelOutput  # lazy: see client()
+
+    c = client(uri)
+    run = c.get_run(run_id)
+    model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, model_type="raysys",
+                                  params={k: _param_value(v) for k, v in (params or {}).items()})  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="raysys-model-") as tmp:
+        for f in files:
+            shutil.copy(f, Path(tmp) / Path(f).name)
+        c.log_model_artifacts(model.model_id, tmp)
+    c.finalize_logged_model(model.model_id, "READY")
+    c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -387,3 +387,44 @@ def test_bench_featurize_prints_json_last(ray_session, shared_data, capsys):
     q = res["tag_quality"]
     assert q["split"] == "train" and q["images"] == 4 and set(q["words"]) >= {"dog", "person", "bicycle", "car", "horse"}
     assert any(line.startswith("tag quality vs captions") for line in lines)
+
+
+# ---------------------------------------------------------------- the ImageNet labels (second tag source)
+
+
+def test_top_labels_keep_the_best_and_those_above_the_threshold():
+    probs = np.array([[0.05, 0.6, 0.3, 0.05], [0.25, 0.25, 0.25, 0.25]], np.float32)
+    a, b = detectors.top_labels(probs, ["a", "b", "c", "d"], top=3, min_score=0.1)
+    assert a.names == ["b", "c"] and np.allclose(a.scores, [0.6, 0.3])
+    assert b.names == ["a", "b", "c"]  # ties keep the lower class index
+    (only,) = detectors.top_labels(np.array([[0.02, 0.03, 0.95]]), ["a", "b", "c"], top=2, min_score=0.99)
+    assert only.names == ["c"]  # below the threshold, the best label is still kept
+
+
+def test_imagenet_labels_appear_in_the_images_table_when_enabled(shared_data, tmp_path):
+    from raysys.data.imagenet_labels import IMAGENET_CLASSES
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in (DOG, PERSON):
+        shutil.copy(shared_data / "flickr8k" / "images" / name, src / name)
+    rep = featurize(FeaturizeConfig(imagenet_top=3, imagenet_min_score=0.05), src, tmp_path / "on", use_ray=False)
+    t = read_table(tmp_path / "on", "images")
+    labels, scores = t.column("image_tags").to_pylist(), t.column("image_tag_scores").to_pylist()
+    assert t.column("image_id").to_pylist() == [PERSON, DOG]  # sorted file names
+    for names, p in zip(labels, scores):
+        assert 1 <= len(names) <= 3 and len(p) == len(names) and set(names) <= set(IMAGENET_CLASSES)
+        assert all(0 < x <= 1 for x in p) and p == sorted(p, reverse=True) and all(x >= 0.05 for x in p[1:])
+    dog_breeds = set(IMAGENET_CLASSES[151:269])  # ImageNet classes 151..268 are dog breeds
+    assert labels[1][0] in dog_breeds, labels[1]  # two dogs: the head's best label is a breed
+    assert rep["image_tag_images"] and rep["image_tags_mean"] >= 1
+    assert t.column("tags").to_pylist()[1][0] == "dog"  # the detector's tags are untouched
+    validate_dataset(tmp_path / "on")
+    assert "ImageNet top 3" in read_manifest(tmp_path / "on")["provenance"][-1]["image_tags"]
+
+    assert FeaturizeConfig().imagenet_top == 5  # on by default: the best retrieval uses the labels
+    featurize(FeaturizeConfig(imagenet_top=0), src, tmp_path / "off", use_ray=False)
+    assert "image_tags" not in read_table(tmp_path / "off", "images").column_names
+    # a backend without an image classifier stores none (and says so), whatever imagenet_top says
+    featurize(FeaturizeConfig(backend="test-fixed-box+test-mean-colour"), src, tmp_path / "x", use_ray=False)
+    assert "image_tags" not in read_table(tmp_path / "x", "images").column_names

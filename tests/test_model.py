@@ -198,3 +198,30 @@ def test_mean_pooling_ignores_padding(tmp_path):
     payload["model_config"] = json.dumps(mc)
     torch.save(payload, p)
     assert load_checkpoint(p)[0].cfg.pooling == "cls"
+
+
+def test_two_stage_with_no_uni_layers_equals_single(tiny_model, tmp_path):
+    """`encoder: two_stage` with `uni_layers: 0` is the single-stream model: the same weights (the
+    same seed) give the same ITM logits and hidden states on a fixed batch; a checkpoint records
+    the choice and reloads it."""
+    two = build_model(ModelConfig(**{**tiny_model.cfg.__dict__, "encoder": "two_stage", "uni_layers": 0}), seed=0).eval()
+    b = _batch()
+    with torch.no_grad():
+        single, staged = tiny_model({**b, "objectives": ()}), two({**b, "objectives": ()})
+    torch.testing.assert_close(single["itm_logits"], staged["itm_logits"], atol=1e-6, rtol=1e-6)
+    tm, rm = b["text_mask"], b["region_mask"]
+    torch.testing.assert_close(single["region_hidden"][rm], staged["region_hidden"][rm], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(single["text_hidden"][tm], staged["text_hidden"][tm], atol=1e-6, rtol=1e-6)
+    # one uni-modal layer: a different computation, with its own visual copy of layer 0
+    split = build_model(ModelConfig(**{**tiny_model.cfg.__dict__, "encoder": "two_stage", "uni_layers": 1}), seed=0).eval()
+    assert len(split.visual_layers) == 1
+    with torch.no_grad():
+        assert not torch.allclose(split({**b, "objectives": ()})["itm_logits"], single["itm_logits"], atol=1e-4)
+    save_checkpoint(tmp_path / "m.pt", split)
+    back, _ = load_checkpoint(tmp_path / "m.pt")
+    assert (back.cfg.encoder, back.cfg.uni_layers) == ("two_stage", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()({**b, "objectives": ()})["itm_logits"],
+                                   split({**b, "objectives": ()})["itm_logits"])  # fmt: skip
+    half = build_model(ModelConfig(**{**tiny_model.cfg.__dict__, "encoder": "two_stage", "uni_layers": -1}), seed=0)
+    assert half.cfg.uni_layers == 1  # -1 = half of the tiny backbone's 2 layers

@@ -437,3 +437,157 @@ def test_cli_retrieve_and_benches_run_small(small_world, tmp_path):
     assert b["rows_written"] == 3000 and b["max_abs_diff_vs_baseline"] < 1e-5
     for key in ("sentences_per_s", "baseline_sentences_per_s", "ratio", "peak_rss_mb"):
         assert key in b
+
+
+# ---------------------------------------------------------------- query modes, tag sources, gold recall@c
+
+
+def test_tag_mean_query_is_the_mean_of_separately_embedded_tags():
+    """The official query (zmykevin/UVLP issue #2): each tag embedded alone, the image = their mean."""
+    from raysys.corpus.embedding import encode_deterministic, image_query, load_model
+
+    model = load_model("", "cpu")
+    tags, scores = ["Dog", "frisbee", "grass", "dog"], [0.9, 0.8, 0.3, 0.5]
+    q = image_query([(tags, scores)], "regions", "tag_mean")
+    q_distinct = image_query([(tags, scores)], "distinct", "tag_mean")
+    q_shuffled = image_query([(tags[::-1], scores[::-1])], "regions", "tag_mean")
+    got = encode_deterministic(model, [q, q_distinct, q_shuffled, "a dog catches a frisbee"])
+    one = {t: encode_deterministic(model, [t])[0] for t in ("dog", "frisbee", "grass")}
+
+    def unit_mean(ts: list[str]) -> np.ndarray:
+        m = np.mean([one[t] for t in ts], axis=0)
+        return m / np.linalg.norm(m)
+
+    np.testing.assert_allclose(got[0], unit_mean(["dog", "frisbee", "grass", "dog"]), atol=1e-6)  # one per region
+    np.testing.assert_allclose(got[1], unit_mean(["dog", "frisbee", "grass"]), atol=1e-6)  # each tag once
+    np.testing.assert_allclose(got[2], got[0], atol=1e-6)  # tag order does not matter
+    alone = encode_deterministic(model, [q])[0]
+    np.testing.assert_array_equal(alone, got[0])  # nor the batch it came in
+    as_string = encode_deterministic(model, [image_query([(tags, scores)], "regions", "string")])[0]
+    assert float(as_string @ got[0]) < 0.999  # the string query is another vector
+    # both sources: detector tags then ImageNet labels, each embedded alone
+    both = image_query([(["dog"], [0.9]), (["Labrador Retriever"], [0.4])], "distinct", "tag_mean")
+    m = (one["dog"] + encode_deterministic(model, ["labrador retriever"])[0]) / 2
+    np.testing.assert_allclose(encode_deterministic(model, [both])[0], m / np.linalg.norm(m), atol=1e-6)
+    assert image_query([([], []), ([], [])], "regions", "tag_mean") == ""  # no tag: no query
+
+
+def test_gold_recall_at_cutoffs_on_a_hand_made_gold_set(tmp_path):
+    from raysys.corpus.diagnostics import exact_topk, recall_at
+    from raysys.corpus.embedding import vectors_table
+
+    gold = {"a": {"t1"}, "b": {"t7", "t8"}, "c": {"t3"}, "d": {"t0"}}
+    retrieved = {
+        "a": ["t1", "t2", "t3"],  # hit at rank 1
+        "b": ["t0", "t2", "t8"],  # hit at rank 3
+        "c": ["t0", "t1", "t2", "t4", "t5", "t6", "t9", "t3"],  # hit at rank 8
+    }  # "d" has no query: a miss at every cutoff
+    assert recall_at(retrieved, gold, [1, 5, 10]) == {"1": 0.25, "5": 0.5, "10": 0.75}
+    assert recall_at({}, {}, [1]) == {"1": 0.0}
+
+    # exact top-c over stored embeddings: score descending, then text row ascending on ties
+    e = np.eye(3, dtype=np.float32)
+    texts = np.stack([e[1], e[0], e[0], (e[0] + e[1]) / np.sqrt(2)]).astype(np.float32)
+    write_parquet_atomic(vectors_table(["x", "y"], e[:2]), tmp_path / "embeddings" / "images" / shard_name(0))
+    write_parquet_atomic(vectors_table(["t0", "t1", "t2", "t3"], texts), tmp_path / "embeddings" / "texts" / shard_name(0))
+    assert exact_topk(tmp_path, ["x", "y", "z"], 3) == {"x": ["t1", "t2", "t3"], "y": ["t0", "t3", "t1"]}
+
+
+def _labelled_images(path: Path, det: list[list[str]], labels: list[list[str]] | None) -> None:
+    _tiny_images(path, det)
+    if labels is not None:
+        t = pq.read_table(path / "images" / shard_name(0))
+        t = t.append_column("image_tags", pa.array(labels, pa.list_(pa.string())))
+        t = t.append_column("image_tag_scores", pa.array([[0.5] * len(x) for x in labels], pa.list_(pa.float32())))
+        write_parquet_atomic(t, path / "images" / shard_name(0))
+
+
+def test_imagenet_tag_source_and_tag_mean_retrieve_with_gold_recall(tmp_path, ray_session):
+    from raysys.contract import GOLD_SCHEMA
+
+    # im1 has no detector tag: only the ImageNet labels give it a query
+    _labelled_images(tmp_path, [["dog"], [], ["bus"]], None)
+    _tiny_texts(tmp_path, ["a cat sleeps on a sofa", "a dog runs on the grass", "a red bus on a street", "a pizza"])
+    gold = pa.table({"image_id": ["im0", "im1", "im2"], "text_id": ["t1", "t0", "t2"], "split": ["train"] * 3},
+                    schema=GOLD_SCHEMA)  # fmt: skip
+    write_parquet_atomic(gold, tmp_path / "gold" / shard_name(0))
+    det = retrieve(tmp_path, RetrievalConfig(k=1, shards=1))  # no labels: the default `auto` is the detector
+    assert det["tag_source"] == "detector" and det["embed"]["images"]["skipped_no_tags"] == 1
+    third = pytest.approx(2 / 3, abs=1e-4)  # im1 has no query: a miss at every cutoff, over all gold images
+    assert det["gold_recall_at"] == {"1": third, "5": third, "10": third}
+    assert det["gold_recall_exact_cutoffs"] == [5, 10]  # K = 1 stored: recall@5/10 from the embeddings
+    cfg = RetrievalConfig(k=1, shards=1, embed=EmbedConfig(query_mode="tag_mean", tag_source="imagenet"))
+    with pytest.raises(ContractError, match="imagenet_top"):  # featurized without the labels
+        retrieve(tmp_path, cfg)
+
+    _labelled_images(tmp_path, [["dog"], [], ["bus"]], [["Labrador Retriever"], ["tabby cat", "sofa"], ["school bus"]])
+    rep = retrieve(tmp_path, cfg)
+    assert rep["query_mode"] == "tag_mean" and rep["tag_source"] == "imagenet"
+    assert rep["embed"]["images"]["skipped_no_tags"] == 0 and rep["gold_recall_at"]["1"] == 1.0
+    assert set(rep["gold_recall_at"]) == {"1", "5", "10"}
+    assert {ex["image_id"]: ex["query"] for ex in rep["examples"]}["im1"] == "mean(tabby cat | sofa)"
+    both = retrieve(tmp_path, RetrievalConfig(k=1, shards=1))  # labels everywhere: `auto` is both
+    assert both["tag_source"] == "both" and both["embed"]["images"]["skipped_no_tags"] == 0
+    assert {ex["image_id"]: ex["query"] for ex in both["examples"]}["im0"] == "dog labrador retriever"
+    pairs = read_pairs(tmp_path, 1).to_pydict()
+    assert dict(zip(pairs["image_id"], pairs["text_id"])) == {"im0": "t1", "im1": "t0", "im2": "t2"}
+    from raysys.config import ConfigError
+
+    for bad, key in ((EmbedConfig(query_mode="sum"), "query_mode"), (EmbedConfig(tag_source="clip"), "tag_source")):
+        with pytest.raises(ConfigError, match=key):
+            RetrievalConfig(embed=bad).check()
+
+
+# ---------------------------------------------------------------- small inputs: in the driver, same outputs
+
+
+def test_packaged_minilm_on_plain_transformers_is_bit_identical_to_sentence_transformers(world):
+    """`PackagedMiniLM` (the Embedder's encoder: no sentence-transformers import) gives the very
+    vectors of `SentenceTransformer.encode`, on the world's queries and texts and on edge cases."""
+    from raysys.contract import read_table
+    from raysys.corpus.embedding import PackagedMiniLM, encode_deterministic, load_model
+
+    images = read_table(world, "images", ["tags", "tag_scores"])
+    texts = [query_string(t, s) for t, s in zip(images.column("tags").to_pylist(), images.column("tag_scores").to_pylist())]
+    texts += read_table(world, "texts", ["text"]).column("text").to_pylist()[:400]
+    texts += ["a", "Ünïcödé  words\tand\nspaces", "dog " * 400, "x" * 700, "A man riding a horse."]
+    plain, st = PackagedMiniLM("cpu"), load_model("", "cpu")
+    assert plain.max_seq_length == st.max_seq_length and plain.get_embedding_dimension() == 384
+    np.testing.assert_array_equal(encode_deterministic(plain, texts), encode_deterministic(st, texts))
+    mixed = texts[:40] + texts[-5:]  # padded batches too: the same batching as encode's
+    kw = {"batch_size": 16, "normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
+    np.testing.assert_array_equal(plain.encode(mixed, **kw), st.encode(mixed, **kw))
+
+
+def test_small_inputs_embedded_in_the_driver_equal_the_actor_pools(small_world, world, tmp_path, ray_session):
+    """`world` was embedded in the driver (its rows ≤ driver_rows); the Ray actor pool
+    (driver_rows=0) writes byte-identical embeddings."""
+    cfg = EmbedConfig()
+    data = reshard(small_world, tmp_path / "data")
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for t in ("images", "texts") for f in (data / t).glob("*.parquet"))
+    assert rows <= cfg.driver_rows  # so `world` took the driver path
+    from raysys.corpus.embedding import embed
+
+    rep = embed(data, EmbedConfig(driver_rows=0))
+    assert rep["texts"]["computed"] == 2 and rep["images"]["computed"] == 4
+    for table in ("embeddings/images", "embeddings/texts"):
+        mine, ref = sorted((data / table).glob("*.parquet")), sorted((world / table).glob("*.parquet"))
+        assert len(mine) == len(ref) > 0
+        for a, b in zip(mine, ref):
+            assert pq.read_table(a).equals(pq.read_table(b)), f"{table}/{a.name}: the actor pool differs from the driver"
+
+
+def test_small_phrase_inputs_parsed_in_the_driver_equal_the_actor_pools(world, tmp_path, ray_session):
+    """Phrases of the same pairs: parsed in the driver (default) and by the Ray actor pool
+    (driver_rows=0), byte-identical."""
+    from raysys.corpus.phrases import PhrasesConfig, extract_phrases
+
+    out = {}
+    for name, cfg in (("driver", PhrasesConfig()), ("ray", PhrasesConfig(driver_rows=0))):
+        data = tmp_path / name
+        shutil.copytree(world, data, ignore=shutil.ignore_patterns("phrases"))
+        extract_phrases(data, cfg)
+        out[name] = sorted((data / "phrases").glob("*.parquet"))
+    assert len(out["driver"]) == len(out["ray"]) == 4
+    for a, b in zip(out["driver"], out["ray"]):
+        assert pq.read_table(a).equals(pq.read_table(b)), f"phrases/{a.name}: the actor pool differs from the driver"

@@ -46,9 +46,9 @@ class NumpyExact:
 
 def printed_report(capsys) -> dict:
     """The report `raysys retrieve` printed (Ray's own warnings, e.g. "(raylet) WARNING: …", may
-    also reach stdout in-process: take the indented JSON object, from its "{" line to its "}")."""
+    also reach stdout in-process: take the last line that is a compact JSON object)."""
     lines = capsys.readouterr().out.splitlines()
-    return json.loads("\n".join(lines[lines.index("{") : len(lines) - lines[::-1].index("}")]))
+    return json.loads(next(ln for ln in reversed(lines) if ln.startswith("{") and ln.endswith("}")))
 
 
 def topk_by_image(data: Path) -> dict[str, tuple[list[str], np.ndarray]]:

@@ -20,7 +20,8 @@ from raysys.cli import main
 from raysys.config import ConfigError
 from raysys.contract import update_manifest
 from raysys.experiments.report import write_report
-from raysys.experiments.sweep import SweepConfig, data_config, trial_specs
+from raysys.experiments.sweep import SweepConfig, data_config, metric_key, trains_itm, trial_specs
+from raysys.pretrain.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,9 @@ def test_report_tables_and_plots(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert res["runs"] == 6 and set(res["axes"]) == {"K", "paired_ratio"}
     assert "| 1 | 2 | 15.0 ± 7.1 |" in md  # mean ± sample std of 10 and 20
-    assert "**40.0 ± 14.1**" in md  # best K row is bold
+    assert "| 5 | 2 | 40.0 ± 14.1 |" in md  # the best mean, but not bold: no per-item scores, no interval
+    assert "| 0.0 | 1 | 5.0 |" in md  # one seed: no ±
+    assert "**" not in md.split("## Directions")[0]
     assert "99.0" not in md
     assert sorted(res["plots"]) == ["K.png", "paired_ratio.png"]
     for p in res["plots"]:
@@ -134,6 +137,7 @@ def test_sweep_interrupt_resume_and_mlflow(tmp_path):
     uri = f"sqlite:///{out / 'mlflow.db'}"
     args = [sys.executable, "-m", "raysys", "sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"),
             "--out", str(out), "axes={K: [1, 5]}", "pipeline.world.images=120", "pretrain.steps=6",
+            "finetune=false", "metric=t2i_r5",  # the zero-shot-only sweep of before the suite stays selectable
             "pretrain.steps_per_epoch=3", "zeroshot.max_images=10", "max_concurrent_trials=1"]  # fmt: skip
     env = {**os.environ, "RAYSYS_RAY_TMP": str(Path("/tmp") / f"rsw{os.getpid()}")}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -161,10 +165,65 @@ def test_sweep_interrupt_resume_and_mlflow(tmp_path):
     assert next(x for x in runs if x.data.tags["raysys.trial"] == done_id).info.run_id == first[0].info.run_id
     for x in runs:  # complete MLflow data: params, final metrics, checkpoint link
         assert any(k.startswith("pretrain/") for k in x.data.params) and x.data.params["trial/axis"] == "K"
-        assert {"t2i_r5", "i2t_r5", "itm_auc", "final_loss"} <= set(x.data.metrics)
+        assert {"zeroshot.t2i_r5", "zeroshot.i2t_r5", "zeroshot.itm_auc", "final_loss"} <= set(x.data.metrics)
         assert Path(x.data.tags["raysys.checkpoint"]).is_dir()
         assert x.data.tags["mlflow.parentRunId"]
     rep = subprocess.run([sys.executable, "-m", "raysys", "report", "--tracking-uri", uri, "--experiment", "demo-sweep",
                           "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "K.png").exists()
+
+
+def test_trial_metric_config():
+    """The fine-tuned metric is the default; the old zero-shot metric stays selectable; a metric the
+    trials will not report is a config error."""
+    assert metric_key(SweepConfig()) == "ft.meta_average"
+    assert metric_key(SweepConfig(metric="t2i_r5", finetune=False)) == "zeroshot.t2i_r5"
+    with pytest.raises(ConfigError, match="needs finetune=true"):
+        config.load(SweepConfig, None, ["finetune=false"])
+    with pytest.raises(ConfigError, match="needs zeroshot_metrics=true"):
+        config.load(SweepConfig, None, ["metric=zeroshot.t2i_r5", "zeroshot_metrics=false"])
+    assert trains_itm(TrainConfig(recipe="muvla")) == ""
+    for recipe in ("base", "random_pairs", "round_robin", "paired_ratio", "rt+rp"):
+        assert trains_itm(TrainConfig(recipe=recipe))  # a reason: their ITM head is untrained
+    ablation = config.load(SweepConfig, ROOT / "configs" / "demo_ablation.yaml")
+    specs = trial_specs(ablation)
+    assert {s["axis"] for s in specs} == {"recipe", "granularities", "w_itm", "mixing", "paired_ratio", "K"}
+    assert len(ablation.seeds) >= 2 and ablation.metric == "ft.meta_average"
+    assert {s["variant"] for s in specs if s["axis"] == "recipe"} == {"base", "random_pairs", "round_robin", "muvla"}
+    assert {s["variant"] for s in specs if s["axis"] == "granularities"} == {"R-T", "R-P", "I-S", "R-T+R-P",
+                                                                             "R-T+R-P+I-S"}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_trial_fine_tunes_with_the_same_budget_on_the_same_items(tmp_path):
+    """A 2-trial sweep: both trials log the same suite budget (params) and per-item scores on the
+    same evaluation items (artifacts); `ft.*` for both, zero-shot only for the recipe that trains ITM."""
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "raysys", "sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"),
+            "--out", str(out), "axes={recipe: [base, muvla]}", "pipeline.world.images=100",
+            "pipeline.world.eval_fraction=0.5", "pipeline.world.tasks_per_image=2", "pretrain.steps=3",
+            "pretrain.steps_per_epoch=3", "pretrain.model_layers=1", "zeroshot.max_images=8", "suite.steps=2",
+            "suite.batch_size=8", "suite.retrieval_eval_images=4", "max_concurrent_trials=1"]  # fmt: skip
+    env = {**os.environ, "RAYSYS_RAY_TMP": str(Path("/tmp") / f"rsw{os.getpid()}")}
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["finished"] == 2 and result["best"]["ft.meta_average"] is not None
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    runs = {x.data.tags["raysys.variant"]: x for x in _finished_trial_runs(uri, "demo-sweep")}
+    assert set(runs) == {"base", "muvla"}
+    budgets = [{k: v for k, v in x.data.params.items() if k.startswith("suite/")} for x in runs.values()]
+    assert budgets[0] and budgets[0] == budgets[1] and budgets[0]["suite/steps"] == "2"
+    items = []
+    for x in runs.values():
+        assert {"ft.meta_average", "ft.vqa.vqa_accuracy", "ft.refcoco.accuracy", "ft.retrieval.r_mean"} <= set(x.data.metrics)
+        doc = json.loads(Path(client.download_artifacts(x.info.run_id, "suite_items.json", str(tmp_path))).read_text())
+        items.append({t: v["ids"] for t, v in doc["items"].items()})
+    assert items[0] == items[1] and all(items[0].values())
+    assert "zeroshot.t2i_r5" in runs["muvla"].data.metrics and "zeroshot.skipped_reason" not in runs["muvla"].data.tags
+    assert "zeroshot.t2i_r5" not in runs["base"].data.metrics and "pre-train" in runs["base"].data.tags["zeroshot.skipped_reason"]
+    res = write_report(uri, "demo-sweep", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Δ Meta-Ave vs base" in md and "## Directions" in md and res["plots"] == ["recipe.png"]

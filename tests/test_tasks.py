@@ -228,7 +228,7 @@ def test_every_task_fine_tunes_on_its_fixture_and_lands_in_mlflow(task_images, s
         TaskRun("refcoco", [str(refs), str(inst)], [str(refs), str(inst)], photos),
         TaskRun("retrieval", [str(fx / "flickr30k/tiny-dev.txt")], [str(fx / "flickr30k/test.txt")], photos),
     ]
-    cfg = FinetuneConfig(steps=3, log_every=0)
+    cfg = FinetuneConfig(steps=3, log_every=0, items=True)
     torch.manual_seed(0)
     out = run_finetune(str(ckpts[1280]), cfg, runs)
     nl = run_finetune(str(ckpts[2048]), cfg, [TaskRun("nlvr2", [str(shared_data / "region_features_lxmert_tsv/instances_train.json")],
@@ -247,6 +247,12 @@ def test_every_task_fine_tunes_on_its_fixture_and_lands_in_mlflow(task_images, s
         assert run.data.metrics[metric] == pytest.approx(r["score"])
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(r["steps"]))
         assert float(run.data.params[f"{task}.lr"]) > 0
+        # each eval item's own score (what the report's paired bootstrap resamples); their mean is the
+        # headline (retrieval: items are images, and every fixture image has 5 captions)
+        items = r["items"]
+        assert len(items["ids"]) == len(items["scores"]) == (n_eval // 5 if task == "retrieval" else n_eval), task
+        assert np.mean(items["scores"]) == pytest.approx(r["score"], abs=0.01), task
+        assert "items" not in run.data.params and not any(k.startswith("items") for k in run.data.metrics)
     assert results["vqa"]["num_answers"] == 6  # the distinct answers of the 3 questions: net netting mesh pitcher orange catcher
     assert results["refcoco"]["proposal_upper_bound"] == 100.0  # every gold box is a detection moved by 2 px
     # the parent (pre-training) run holds every task's headline and the meta-average of the four paper tasks

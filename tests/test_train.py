@@ -156,7 +156,7 @@ def test_tampered_checkpoint_pickle_is_refused(runs, tmp_path):
     payload = torch.load(ckpt / "model.pt", weights_only=True)
     payload["extra"] = _Payload(marker)
     torch.save(payload, ckpt / "model.pt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(ContractError, match="not a safe raysys checkpoint, refused: it names the Python object"):
         load_checkpoint(ckpt / "model.pt")
     assert not marker.exists(), "a tampered checkpoint executed code"
     torch.load(ckpt / "model.pt", weights_only=False)  # the payload is live: the unsafe path runs it
@@ -190,8 +190,16 @@ def test_mlflow_run_holds_params_losses_throughput_and_model(runs):
     w = c.get_metric_history(full["mlflow_run_id"], "w_itm")
     assert w and min(m.step for m in w) >= 6, "w_ITM applies from epoch m = 1"
     arts = {a.path for a in c.list_artifacts(full["mlflow_run_id"])}
-    assert {"config.yaml", "model.pt"} <= arts
-    local = c.download_artifacts(full["mlflow_run_id"], "model.pt")
+    assert {"config.yaml", "loss_curve.png"} <= arts  # the loss curve as a figure
+    run = c.get_run(full["mlflow_run_id"])
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40 and run.data.tags["raysys.git.dirty"] in ("true", "false")
+    assert "raysys.command" in run.data.tags
+    (ds,) = run.inputs.dataset_inputs  # the dataset directory, its digest the manifest's hash
+    assert json.loads(ds.dataset.source)["uri"].endswith("data") and ds.dataset.digest != "none"
+    (out,) = run.outputs.model_outputs  # the logged model: weights-only model.pt + config.yaml
+    model = c.get_logged_model(out.model_id)
+    assert model.source_run_id == full["mlflow_run_id"] and model.status == "READY"
+    local = mlflow.artifacts.download_artifacts(f"{model.artifact_location}/model.pt")
     assert torch.load(local, weights_only=True)["format"] == "raysys.vlmodel/1"
     # the stopped, failed and resumed run is ONE MLflow run, with every step logged exactly once
     split = runs["part2"]["mlflow_run_id"]
@@ -239,19 +247,34 @@ def test_export_loads_with_transformers_and_raysys_with_the_same_logits(runs, tm
 # ---------------------------------------------------------------- no Ray needed
 
 
-def test_one_rank_step_is_the_local_loop(tiny):
-    """The Ray Train loop's step (`Trainee.step`) is issue 5's local loop, step for step."""
+@pytest.mark.parametrize("source", ["stream", "memory"])
+def test_one_rank_step_is_the_local_loop(tiny, source):
+    """The Ray Train loop's step (`Trainee.step`) is issue 5's local loop, step for step, on either
+    input: the worker builds its trainee as below (`_worker_trainee`), with its feed read from Ray
+    Data instead of collated in-process (the same `Collate.steps`, tests/test_stream.py)."""
     import numpy as np
 
-    from raysys.pretrain.loop import make_trainee, prepare, train_local
+    from raysys.pretrain.loop import (
+        make_trainee,
+        prepare,
+        prepare_stream,
+        stream_feed,
+        stream_run_plan,
+        train_local,
+    )
 
     data, bert, _ = tiny
-    cfg = replace(tiny_config(bert), threads=1, steps=8)  # same schedule length on both sides
+    cfg = replace(tiny_config(bert), threads=1, steps=8, input=source)  # same schedule length on both sides
     local = train_local(cfg, data)["history"]
     torch.set_num_threads(1)
     np.random.seed(cfg.seed)
-    setup = prepare(cfg, data)
-    tr = make_trainee(cfg, setup, torch.device("cpu"), {g: len(s) for g, s in setup.streams.items()})
+    if source == "stream":
+        setup, sp = prepare_stream(cfg, data, 1)
+        plan = stream_run_plan(cfg, sp)
+        tr = make_trainee(cfg, setup, torch.device("cpu"), {}, plan=plan, feed=stream_feed(cfg, setup, sp, plan))
+    else:
+        setup = prepare(cfg, data)
+        tr = make_trainee(cfg, setup, torch.device("cpu"), {g: len(s) for g, s in setup.streams.items()})
     torch.manual_seed(cfg.seed)
     mine = [tr.step(s)[0] for s in range(8)]
     assert len(local) == len(mine) == 8

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 
 from raysys.contract import count_rows, read_manifest, read_table, region_arrays, validate_dataset
 from raysys.data.world import COCO_CLASSES, WorldConfig, plural, write_world
+from raysys.evaluate.tasks import read_task
 
 
 def _truth(root):
@@ -79,3 +82,48 @@ def test_world_deterministic_and_shard_independent(tmp_path):
     assert not read_table(a, "images").equals(read_table(c, "images"))
     assert count_rows(b, "images") == 60 and len(list((b / "images").glob("*.parquet"))) == 9
     assert pq.read_schema(next((a / "images").glob("*.parquet"))).field("features").type.value_type.list_size == 64
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _suite_images(root, task, split):
+    rows = _jsonl(root / "tasks" / task / f"{split}.jsonl")
+    return {i for r in rows for i in ([r["img0"], r["img1"]] if task == "nlvr2" else [r["image"]])}
+
+
+def test_world_writes_a_downstream_suite_disjoint_from_pretraining(small_world):
+    """Task files for the five tasks, each with train and eval splits split by image, all on gold
+    "eval" images (which pre-training leaves out), readable by the task readers, and true to the
+    hidden truth."""
+    man = read_manifest(small_world)
+    rec = man["downstream"]
+    assert set(rec["tasks"]) == {"vqa", "nlvr2", "ve", "refcoco", "retrieval"}
+    gold = read_table(small_world, "gold").to_pandas()
+    held_out = set(gold.image_id[gold.split == "eval"])
+    pretrain_images = set(gold.image_id[gold.split != "eval"])
+    for task, entry in rec["tasks"].items():
+        train, evald = _suite_images(small_world, task, "train"), _suite_images(small_world, task, "eval")
+        assert train and evald and not train & evald, task
+        assert (train | evald) <= held_out and not (train | evald) & pretrain_images, task
+        for split in ("train", "eval"):
+            ex = read_task(task, [small_world / entry[split]], entry["format"])
+            assert len(ex) == entry[f"n_{split}"] > 0
+    truth = read_table(small_world, "world_truth").to_pandas().set_index("image_id")
+    images = read_table(small_world, "images").to_pandas().set_index("image_id")
+    for r in _jsonl(small_world / "tasks" / "vqa" / "train.jsonl"):
+        if r["question"].startswith("How many"):
+            cls = r["question"][len("How many "):-len(" are there?")]
+            n = sum(plural(COCO_CLASSES[c]) == cls for c in truth.loc[r["image"], "classes"])
+            assert r["answers"] == [str(n)] * 10
+    for r in _jsonl(small_world / "tasks" / "refcoco" / "eval.jsonl"):
+        boxes = np.stack(images.loc[r["image"], "boxes"]).reshape(-1, 4)
+        assert np.abs(boxes - np.array(r["box"])).max(axis=1).min() < 0.01  # the gold region is one of the image's
+    labels = {t: [x["label"] for x in _jsonl(small_world / "tasks" / t / "train.jsonl")] for t in ("nlvr2", "ve")}
+    assert set(labels["nlvr2"]) == {0, 1} and set(labels["ve"]) == {"entailment", "neutral", "contradiction"}
+
+
+def test_world_without_tasks_writes_no_suite(tmp_path):
+    write_world(WorldConfig(images=40, seed=1, feature_dim=32, tasks=False), tmp_path / "w")
+    assert not (tmp_path / "w" / "tasks").exists() and "downstream" not in read_manifest(tmp_path / "w")

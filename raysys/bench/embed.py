@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  _temp_dir=os.environ.get("RAYSYS_RAY_TMP", "/tmp/raysys-bench"))  # fmt: skip
         try:
             cfg = EmbedConfig(batch_size=args.batch_size, block_rows=args.block_rows, actors=args.actors or cpus,
-                              cpus_per_actor=min(0.5, cpus / (2 * (args.actors or cpus))), threads_per_actor=1)  # fmt: skip
+                              cpus_per_actor=min(0.5, cpus / (2 * (args.actors or cpus))), threads_per_actor=1,
+                              driver_rows=0)  # the actor pool, also for small --n  # fmt: skip
             with PeakRSS() as pipe_rss:
                 t0 = time.perf_counter()
                 rep = embed(data, cfg, tables=("texts",))

@@ -16,6 +16,8 @@ BENCHES: dict[str, str] = {
     "zeroshot-flickr8k": "raysys.bench.zeroshot",
     "device": "raysys.bench.device",
     "startup": "raysys.bench.startup",
+    "ingest": "raysys.bench.ingest",
+    "towers": "raysys.bench.towers",
 }
 
 

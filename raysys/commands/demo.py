@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     with local_run_dir(args.out) as out:
         summary = run_pipeline(cfg, out)
-    print(json.dumps(summary, indent=2))
     print(f"summary: {args.out}/summary.json")
+    print(json.dumps(summary, default=str, separators=(",", ":")))
     return 0

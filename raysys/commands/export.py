@@ -24,12 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raysys.checkpoints import check_checkpoint  # lazy: keeps raysys --help fast
+    from raysys.locks import output_lock  # lazy: keeps raysys --help fast
+
+    check_checkpoint(args.checkpoint)  # a tampered or missing file: one line, before the model code loads
     from raysys.experiments.export import compare, export_checkpoint  # lazy: keeps raysys --help fast
 
-    result = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
-    if not args.no_verify:
-        diffs = compare(args.checkpoint, args.out)
-        result["max_abs_diff"] = diffs
-        result["verified"] = max(diffs.values()) < 1e-4
-    print(json.dumps(result))
+    with output_lock(args.out, sweep=False):
+        result = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
+        if not args.no_verify:
+            diffs = compare(args.checkpoint, args.out)
+            result["max_abs_diff"] = diffs
+            result["verified"] = max(diffs.values()) < 1e-4
+    print(json.dumps(result, separators=(",", ":")))
     return 0 if result.get("verified", True) else 1

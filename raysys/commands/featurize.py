@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from raysys import config
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true", help="run in this process (small inputs, debugging)")
     p.add_argument("--config", default=None, help="YAML file; its `featurize:` section (or top level) is used")
     p.add_argument("--list-backends", action="store_true", help="print registered backends and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config (one JSON line) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. grid=3 max_side=800")
     p.set_defaults(func=run)
 
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         format_summary,
         import_plugins,
     )
+    from raysys.locks import output_lock  # lazy: keeps raysys --help fast
 
     if args.list_backends:
         import_plugins(args.plugin or [])
@@ -65,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
         "strict": True if args.strict else None,
     }
     cfg = config.load_section(FeaturizeConfig, args.config, args.overrides, "featurize", flags)
-    report = featurize(cfg, args.images, args.out, use_ray=not args.no_ray)
+    cfg.check()
+    if args.dry_run:
+        print(json.dumps(config.to_dict(cfg), separators=(",", ":")))
+        return 0
+    with output_lock(args.out):  # refuses an --out that is a file, or held by another run, before any work
+        report = featurize(cfg, args.images, args.out, use_ray=not args.no_ray)
     print(format_summary(report, args.out))
+    keys = ("images", "files", "failed", "shards", "shards_written", "shards_skipped", "seconds")
+    print(json.dumps({"out": str(args.out), **{k: report.get(k) for k in keys}}, separators=(",", ":")))
     return 0

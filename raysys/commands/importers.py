@@ -34,27 +34,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--header", action="store_true", help="tsv: skip the first line")
     q.add_argument("--source", default=None, help="source name stored per text (default: file stem)")
     q.add_argument("--max-captions", type=int, default=5, help="coco-json: captions per image (Karpathy: 5; 0 = all)")
+    q.add_argument("--max-text-chars", type=int, default=10_000,
+                   help="longer texts are counted and skipped (default 10000; 0 = no limit)")  # fmt: skip
+    q.add_argument("--strict", action="store_true", help="fail on a text over --max-text-chars instead of skipping it")
     q.set_defaults(func=_texts)
 
 
 def _report(man: dict) -> int:
-    print(json.dumps({"counts": man["counts"], "feature_dim": man.get("feature_dim")}))
+    print(json.dumps({"counts": man["counts"], "feature_dim": man.get("feature_dim"), **(
+        {"skipped": man["skipped"]} if man.get("skipped") else {})}, separators=(",", ":")))
     return 0
+
+
+def _checked(a: argparse.Namespace, fn) -> int:
+    """Run an import holding OUT's lock (stale temporaries of a killed import are swept first)."""
+    from raysys.config import ConfigError  # lazy: keeps raysys --help fast
+    from raysys.locks import output_lock  # lazy: keeps raysys --help fast
+
+    if getattr(a, "feature_dim", 1) < 1:
+        raise ConfigError(f"--feature-dim must be at least 1, got {a.feature_dim}")
+    for name in ("column", "max_captions", "max_text_chars"):
+        if getattr(a, name, 0) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: {getattr(a, name)} is negative")
+    with output_lock(a.out):
+        return _report(fn())
 
 
 def _lxmert(a: argparse.Namespace) -> int:
     from raysys.data.importers import import_lxmert_tsv  # lazy: keeps raysys --help fast
 
-    return _report(import_lxmert_tsv(a.file, a.vocab, a.out, a.feature_dim))
+    return _checked(a, lambda: import_lxmert_tsv(a.file, a.vocab, a.out, a.feature_dim))
 
 
 def _vinvl(a: argparse.Namespace) -> int:
     from raysys.data.importers import import_vinvl_tsv  # lazy: keeps raysys --help fast
 
-    return _report(import_vinvl_tsv(a.features, a.labels, a.out, a.labelmap, a.feature_dim))
+    return _checked(a, lambda: import_vinvl_tsv(a.features, a.labels, a.out, a.labelmap, a.feature_dim))
 
 
 def _texts(a: argparse.Namespace) -> int:
     from raysys.data.importers import import_texts  # lazy: keeps raysys --help fast
 
-    return _report(import_texts(a.files, a.format, a.out, a.column, a.header, a.source, a.max_captions))
+    return _checked(a, lambda: import_texts(a.files, a.format, a.out, a.column, a.header, a.source, a.max_captions,
+                                            max_text_chars=a.max_text_chars, strict=a.strict))

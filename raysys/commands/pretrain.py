@@ -7,6 +7,7 @@ scale). Without it, Ray Train runs the same core on `--workers` DDP ranks (raysy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from typing import Any
 
 from raysys import config
 from raysys.config import ConfigError
+from raysys.locks import output_lock
 from raysys.pretrain.config import PretrainConfig, TrainConfig
 
 
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from raysys.pretrain.loop import train_local  # lazy: torch; keeps raysys --help fast
 
-    result = train_local(cfg, args.data, out=args.out, steps=args.steps)
+    with output_lock(args.out) if args.out else contextlib.nullcontext():  # one run per --out
+        result = train_local(cfg, args.data, out=args.out, steps=args.steps)
     history = result.pop("history")
     if args.history:
         from raysys.contract import write_text_atomic

@@ -3,6 +3,8 @@ stage by stage, and the training examples made of it.
 
 Settings come from the `retrieval` / `phrases` / `assemble` sections of a pipeline YAML (`--config`), then
 `key=value` overrides (relative to the section: `k=10`, `embed.batch_size=64`), then the flags.
+Each stage holds DIR's lock while it writes (`raysys.locks`): a second run on DIR exits 2 naming
+the first. `--dry-run` prints the resolved config as one JSON line and does nothing else.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset directory (images/, texts/, ...)")
     p.add_argument("--config", default=None, help="pipeline YAML; its section for this stage is used")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config (one JSON line) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides within the section")
 
 
@@ -63,27 +66,52 @@ def _retrieval_cfg(args: argparse.Namespace, mapping: dict[str, str]):
     from raysys import config
     from raysys.corpus.retrieval import RetrievalConfig
 
-    return config.load(RetrievalConfig, args.config, _flags(args, mapping), section="retrieval")
+    cfg = config.load(RetrievalConfig, args.config, _flags(args, mapping), section="retrieval")
+    cfg.check()
+    return cfg
 
 
-def _with_ray(fn):
-    """Run a stage; it starts Ray itself only once its inputs passed validation (bad input fails
-    in a second, not after a cluster start). Shut down a Ray that the stage started."""
+def _dataset_dir(args: argparse.Namespace) -> None:
+    """--data must be an existing dataset directory: these stages add tables to one."""
+    from pathlib import Path
+
+    from raysys.config import ConfigError
+
+    d = Path(args.data)
+    if not d.is_dir():
+        what = "does not exist" if not d.exists() else "is not a directory"
+        raise ConfigError(f"{args.data}: {what}; --data names a dataset directory (raysys world / import / featurize)")
+
+
+def _with_ray(args: argparse.Namespace, fn):
+    """Run a stage holding DIR's lock; it starts Ray itself only once its inputs passed validation
+    (bad input fails in a second, not after a cluster start). Shut down a Ray that the stage started."""
     import ray
 
+    from raysys.locks import output_lock
+
+    _dataset_dir(args)
     was_up = ray.is_initialized()
     try:
-        return fn()
+        with output_lock(args.data):
+            return fn()
     finally:
         if not was_up and ray.is_initialized():
             ray.shutdown()
 
 
 def _print(report: dict) -> int:
+    """The last stdout line of every command: one compact JSON object."""
     import json
 
-    print(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, default=str, separators=(",", ":")))
     return 0
+
+
+def _dry_run(cfg) -> int:
+    from raysys import config
+
+    return _print(config.to_dict(cfg))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -92,9 +120,13 @@ def _embed(args: argparse.Namespace) -> int:
     cfg = _retrieval_cfg(args, {"model": "embed.model", "batch_size": "embed.batch_size", "actors": "embed.actors"})
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     bad = set(tables) - {"images", "texts"}
-    if bad:
-        raise SystemExit(f"raysys embed: --tables: unknown {sorted(bad)}; use images and/or texts")
-    return _print(_with_ray(lambda: embed(args.data, cfg.embed, tables)))
+    if bad or not tables:
+        from raysys.config import ConfigError
+
+        raise ConfigError(f"embed --tables: unknown {sorted(bad) or tables}; use images and/or texts")
+    if args.dry_run:
+        return _dry_run(cfg.embed)
+    return _print(_with_ray(args, lambda: embed(args.data, cfg.embed, tables)))
 
 
 def _retrieve(args: argparse.Namespace) -> int:
@@ -102,7 +134,9 @@ def _retrieve(args: argparse.Namespace) -> int:
 
     cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "backend": "backend", "index": "index", "nprobe": "nprobe",
                                 "model": "embed.model"})
-    return _print(_with_ray(lambda: retrieve(args.data, cfg)))
+    if args.dry_run:
+        return _dry_run(cfg)
+    return _print(_with_ray(args, lambda: retrieve(args.data, cfg)))
 
 
 def _phrases(args: argparse.Namespace) -> int:
@@ -110,14 +144,22 @@ def _phrases(args: argparse.Namespace) -> int:
     from raysys.corpus.phrases import PhrasesConfig, extract_phrases
 
     cfg = config.load(PhrasesConfig, args.config, list(args.overrides or []), section="phrases")
-    return _print(_with_ray(lambda: extract_phrases(args.data, cfg)))
+    if args.dry_run:
+        return _dry_run(cfg)
+    return _print(_with_ray(args, lambda: extract_phrases(args.data, cfg)))
 
 
 def _assemble(args: argparse.Namespace) -> int:
     from raysys import config
     from raysys.corpus.assemble import AssembleConfig, assemble, check_examples
+    from raysys.locks import output_lock
 
     if args.check:
+        _dataset_dir(args)
         return _print(check_examples(args.data))
     cfg = config.load(AssembleConfig, args.config, _flags(args, {"k": "k", "seed": "seed"}), section="assemble")
-    return _print(assemble(args.data, cfg))
+    if args.dry_run:
+        return _dry_run(cfg)
+    _dataset_dir(args)
+    with output_lock(args.data):
+        return _print(assemble(args.data, cfg))

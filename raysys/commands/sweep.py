@@ -9,14 +9,14 @@ from raysys import config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="run a Ray Tune ablation sweep (pre-train + zero-shot per trial), logged to MLflow")
+    p = sub.add_parser("sweep", help="run a Ray Tune ablation sweep (pre-train, fine-tune on the downstream suite, zero-shot per trial), logged to MLflow")
     p.add_argument("--config", required=True, help="sweep YAML (e.g. configs/demo_sweep.yaml)")
     p.add_argument("--out", default=None, help="output dir (default: sweeps/<name>); MLflow store at OUT/mlflow.db")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the trial list, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SweepConfig overrides, e.g. seeds=[0,1]")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("report", help="write report.md + PNG plots from a sweep's MLflow experiment")
+    p = sub.add_parser("report", help="write report.md + PNG plots (tables, bootstrap intervals, the paper's directions) from a sweep's MLflow experiment")
     p.add_argument("--tracking-uri", required=True, help="e.g. sqlite:///sweeps/demo/mlflow.db")
     p.add_argument("--experiment", required=True, help="the sweep's MLflow experiment name")
     p.add_argument("--out", required=True, help="directory for report.md and the plots")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raysys.config import ConfigError  # lazy: keeps raysys --help fast
     from raysys.contract import validate_dataset  # lazy: keeps raysys --help fast
 
+    if not Path(args.data).is_dir():  # a typo must not validate as an empty dataset
+        raise ConfigError(f"{args.data}: {'is not a directory' if Path(args.data).exists() else 'does not exist'}")
     print(json.dumps({"valid": True, "counts": validate_dataset(args.data)}))
     return 0

@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raysys.data.world import WorldConfig, write_world  # lazy: keeps raysys --help fast
+    from raysys.locks import output_lock  # lazy: keeps raysys --help fast
     from raysys.rss import PeakRSS  # lazy: keeps raysys --help fast
 
     cfg = config.load_section(WorldConfig, args.config, args.overrides, "world", {"images": args.images, "seed": args.seed})
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         print(config.dump(cfg), end="")
         return 0
     t0 = time.perf_counter()
-    with PeakRSS() as rss:  # the generator's worker processes included
+    with output_lock(args.out), PeakRSS() as rss:  # the generator's worker processes included
         man = write_world(cfg, args.out)
     print(json.dumps({
         "out": args.out, **man["counts"], "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": rss.peak_mb,

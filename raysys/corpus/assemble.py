@@ -25,6 +25,7 @@ The same inputs and seed give the same shard contents.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -50,7 +51,7 @@ from raysys.contract import (
     update_manifest,
     write_parquet_atomic,
 )
-from raysys.corpus.embedding import fingerprint, reset_if_stale
+from raysys.corpus.embedding import META, fingerprint, reset_if_stale
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class AssembleConfig:
     k: int = 0  # keep retrieved texts with rank < k (0 = every stored rank; pretrain.k filters at read time)
     exclude_eval: bool = True  # as pretrain.exclude_eval: gold "eval" images get no random text
     strict: bool = True  # phrases/ must exist (False: assemble without links when it does not)
+    row_group_images: int = 256  # Parquet row group: the unit a streamed window reads (raysys.pretrain.stream)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Example:
     random_text: str | None = None
     gold_text_ids: list[str] = field(default_factory=list)
     gold_texts: list[str] = field(default_factory=list)
+    gold_splits: list[str] = field(default_factory=list)
 
 
 def stable_seed(*parts: Any) -> list[int]:
@@ -118,7 +121,7 @@ def assemble(data: str | Path, cfg: AssembleConfig | None = None) -> dict[str, A
     pending = [i for i in range(len(inputs["images"])) if not (out / shard_name(i)).exists()]
     for i in pending:
         table = _shard(root, inputs, i, k, gold, random_text)
-        write_parquet_atomic(table, out / shard_name(i))
+        write_parquet_atomic(table, out / shard_name(i), row_group_size=cfg.row_group_images)
         log.info("examples shard %d/%d: %d images", i + 1, len(inputs["images"]), table.num_rows)
     files = shard_files(root, TABLE)
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -126,6 +129,25 @@ def assemble(data: str | Path, cfg: AssembleConfig | None = None) -> dict[str, A
             "exclude_eval": cfg.exclude_eval, "links": bool(inputs["phrases"]), "schema_version": EXAMPLES_VERSION}  # fmt: skip
     update_manifest(root, "assemble", counts={TABLE: rows}, examples=info, provenance={"k": k, "seed": cfg.seed})
     return {**info, "shards_computed": len(pending), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def ensure_examples(data: str | Path) -> bool:
+    """Assemble when `examples/` was never made, or was made from other inputs (then again, with
+    the settings it was made with): what `raysys pretrain` does before streaming. A shard that is
+    missing or damaged while its inputs are unchanged is left for `check_examples` to refuse.
+    True when it ran. Checking costs a stat per input shard."""
+    root = Path(data)
+    try:
+        stored = json.loads((root / TABLE / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        stored = {}
+    cfg = AssembleConfig(seed=int(stored.get("seed", 0)), k=int(stored.get("k", 0)),
+                         exclude_eval=bool(stored.get("exclude_eval", True)), strict=False)  # fmt: skip
+    if read_manifest(root).get(TABLE) and stored == _meta(_inputs(root, cfg), cfg):
+        return False
+    log.info("assembling training examples in %s (raysys assemble)", root / TABLE)
+    assemble(root, cfg)
+    return True
 
 
 def _inputs(root: Path, cfg: AssembleConfig) -> dict[str, list[Path]]:
@@ -314,19 +336,20 @@ def iter_examples(
     memory at a time. Validates the examples first (`check_examples`) unless `check=False`."""
     info = check_examples(data) if check else read_manifest(data).get(TABLE, {})
     for i in shards if shards is not None else range(int(info.get("shards", 0))):
-        yield from _shard_examples(read_examples(data, i), k, max_regions)
+        yield from table_examples(read_examples(data, i), k, max_regions)
 
 
-def _shard_examples(t: pa.Table, k: int | None, max_regions: int | None) -> Iterator[Example]:
+def table_examples(t: pa.Table, k: int | None, max_regions: int | None) -> Iterator[Example]:
+    """The `Example` of each row of an examples table (a shard, or a window's rows of one)."""
     arr = region_arrays(t)
     cls = np.asarray(t.column("class_ids").combine_chunks().values, dtype=np.int64)
     tags = t.column("tags").combine_chunks().values.to_pylist()
     probs = (np.asarray(t.column("class_probs").combine_chunks().values.values, np.float32).reshape(len(cls), -1)
              if "class_probs" in t.column_names else None)  # fmt: skip
     names = ("image_id", "width", "height", "gold_eval", "text_id", "text", "rank", "score", "links", "random_text_id",
-             "random_text", "gold_text_id", "gold_text")  # fmt: skip
+             "random_text", "gold_text_id", "gold_text", "gold_split")  # fmt: skip
     for r, row in enumerate(zip(*(t.column(c).to_pylist() for c in names))):
-        iid, w, h, ev, tids, txts, ranks, scores, links, rid, rtxt, gids, gtxts = row
+        iid, w, h, ev, tids, txts, ranks, scores, links, rid, rtxt, gids, gtxts, gsplits = row
         lo, hi = int(arr["offsets"][r]), int(arr["offsets"][r + 1])
         if max_regions is not None:
             hi = min(hi, lo + max_regions)
@@ -338,5 +361,5 @@ def _shard_examples(t: pa.Table, k: int | None, max_regions: int | None) -> Iter
             ranks=np.array([ranks[j] for j in keep], np.int64), scores=np.array([scores[j] for j in keep], np.float32),
             links=[[(lk["char_start"], lk["char_end"], lk["region"], lk["link_score"], lk["phrase"])
                     for lk in links[j] if lk["region"] < hi - lo] for j in keep],
-            random_text_id=rid, random_text=rtxt, gold_text_ids=gids, gold_texts=gtxts,
+            random_text_id=rid, random_text=rtxt, gold_text_ids=gids, gold_texts=gtxts, gold_splits=gsplits,
         )  # fmt: skip

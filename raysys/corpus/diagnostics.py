@@ -3,8 +3,13 @@
 * **Tag coverage**: the mean, over images, of the fraction of an image's distinct tags that occur
   (as a word, singular or plural) in its top-K retrieved sentences — and the same for K random
   sentences per image. Retrieval is useful exactly when the first is well above the second.
-* **Gold recall@K** (when `gold/` holds true pairs for these images): the share of images with at
-  least one true caption among their top-K, next to the chance level of K random sentences.
+* **Gold recall@1/5/10/K** (whenever `gold/` holds true pairs for these images): the share of gold
+  images (tagged or not: an image without a query counts as a miss, so tag sources of different
+  coverage compare fairly) with at least one true caption among their top-c, next to the chance
+  level of K random sentences. Cutoffs above the stored K come from an exact search of the stored
+  embeddings (`gold_recall_exact_cutoffs` names them), so recall@10 is there at any K.
+* **Query settings**: the tag source and query form recorded with the image embeddings decide which
+  tags the coverage and the examples use.
 * **Examples**: a few images with their tags, query and retrieved sentences.
 
 Coverage is measured on a seeded sample of at most `max_images` images: it is a regex per
@@ -27,7 +32,16 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.contract import read_table, shard_files, write_text_atomic
-from raysys.corpus.embedding import QueryMode, distinct_tags, query_string
+from raysys.corpus.embedding import (
+    LEGACY_QUERY,
+    META,
+    SOURCE_COLUMNS,
+    QueryMode,
+    distinct_tags,
+    image_query,
+    mean_query_tags,
+    read_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +100,44 @@ def _ranked_pairs(data: Path, texts: pa.Table) -> tuple[Any, Any, Any, int]:
     return pairs, ranked, scores, k_stored
 
 
+GOLD_CUTOFFS = (1, 5, 10)
+
+
+def recall_at(retrieved: dict[str, Sequence[str]], gold_of: dict[str, set[str]], cutoffs: Sequence[int]) -> dict[str, float]:
+    """Gold recall@c for every cutoff: over the images of `gold_of`, the share with a gold text id
+    among the first c of their ranked `retrieved` text ids (an image absent from it is a miss)."""
+    images = list(gold_of)
+    return {
+        str(c): (float(np.mean([any(t in gold_of[i] for t in list(retrieved.get(i, ()))[:c]) for i in images]))
+                 if images else 0.0)
+        for c in cutoffs
+    }  # fmt: skip
+
+
+def exact_topk(data: Path, image_ids: Sequence[str], c: int, chunk: int = 1024) -> dict[str, list[str]]:
+    """image_id -> text ids of its exact top-c by inner product over the stored embeddings (score
+    descending, then text row ascending, as the retrieval merge orders them); images without an
+    embedding (no query) are absent."""
+    q_ids, q = read_embeddings(data, "images")
+    t_ids, t = read_embeddings(data, "texts")
+    want = set(image_ids)
+    rows = [i for i, iid in enumerate(q_ids.to_pylist()) if iid in want]
+    out: dict[str, list[str]] = {}
+    if not rows or not len(t):
+        return out
+    c = min(c, len(t))
+    tid = t_ids.to_pylist()
+    qid = q_ids.to_pylist()
+    for lo in range(0, len(rows), chunk):
+        sel = rows[lo : lo + chunk]
+        S = q[sel] @ t.T
+        part = np.argpartition(-S, c - 1, axis=1)[:, :c]
+        for r, cand in zip(range(len(sel)), part):
+            order = cand[np.lexsort((cand, -S[r, cand]))]
+            out[qid[sel[r]]] = [tid[j] for j in order]
+    return out
+
+
 def _gold_recall(
     data: Path, k: int, k_stored: int, img_ids: list[str], ranked: Any, texts: pa.Table
 ) -> tuple[dict[str, Any], dict[str, set[str]]]:
@@ -102,22 +154,38 @@ def _gold_recall(
         return report, gold_of
     n_texts = texts.num_rows
     tids = texts.column("text_id")
-    cutoffs = sorted({c for c in (1, 5, 10, k) if c <= max(k_stored, 1)})
-    hits: dict[int, list[bool]] = {c: [] for c in cutoffs}
-    by_split: dict[str, list[bool]] = {}
-    chance = []
+    gold_here = {iid: gold_of[iid] for iid in have}
+    stored = {iid: tids.take(pa.array(ranked[iid], pa.int64())).to_pylist() for iid in have if iid in ranked.index}
+    cutoffs = sorted(set(GOLD_CUTOFFS) | {k})
+    exact = [c for c in cutoffs if c > max(k_stored, 1)]
+    hits = recall_at(stored, gold_here, [c for c in cutoffs if c not in exact])
+    if exact:  # beyond the stored K: an exact search of the stored embeddings
+        hits.update(recall_at(exact_topk(data, have, max(exact)), gold_here, exact))
+    by_split: dict[str, dict[str, set[str]]] = {}
     for iid in have:
-        rows = ranked[iid] if iid in ranked.index else np.zeros(0, np.int64)
-        got = tids.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
-        for c in cutoffs:
-            hits[c].append(any(t in gold_of[iid] for t in got[:c]))
-        by_split.setdefault(split_of[iid], []).append(any(t in gold_of[iid] for t in got[:k]))
-        chance.append(chance_recall(n_texts, len(gold_of[iid]), k))
-    report["gold_recall_at_k"] = round(float(np.mean(hits[k])), 4) if k in hits else None
-    report["gold_recall_at"] = {str(c): round(float(np.mean(h)), 4) for c, h in hits.items()}
-    report["gold_recall_by_split"] = {s: round(float(np.mean(v)), 4) for s, v in sorted(by_split.items())}
+        by_split.setdefault(split_of[iid], {})[iid] = gold_of[iid]
+    chance = [chance_recall(n_texts, len(gold_of[iid]), k) for iid in have]
+    report["gold_recall_at_k"] = round(hits[str(k)], 4)
+    report["gold_recall_at"] = {str(c): round(hits[str(c)], 4) for c in cutoffs}
+    report["gold_recall_by_split"] = {s: round(recall_at(stored, g, [k])[str(k)], 4) for s, g in sorted(by_split.items())}
     report["gold_recall_random"] = round(float(np.mean(chance)), 4)
+    if exact:
+        report["gold_recall_exact_cutoffs"] = exact
     return report, gold_of
+
+
+def query_settings(data: Path, query: QueryMode = "regions") -> dict[str, str]:
+    """The query settings the image embeddings were made with (their `_meta.json`); `query` and the
+    defaults where it does not say."""
+    meta_path = data / "embeddings" / "images" / META
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {"query": meta.get("query", query), **{k: meta.get(k, v) for k, v in LEGACY_QUERY.items()}}
+
+
+def readable_query(text: str) -> str:
+    """A query as the examples show it: a `tag_mean` query as "mean(tag | tag | ...)"."""
+    tags = mean_query_tags(text)
+    return text if tags is None else "mean(" + " | ".join(tags) + ")"
 
 
 def retrieval_diagnostics(
@@ -125,7 +193,9 @@ def retrieval_diagnostics(
 ) -> dict[str, Any]:
     """Tag coverage (retrieved vs random), gold recall@K where gold exists, and examples."""
     data = Path(data)
-    images = read_table(data, "images", ["image_id", "tags", "tag_scores"])
+    qs = query_settings(data, query)
+    pairs_of_cols = SOURCE_COLUMNS[qs["tag_source"]]
+    images = read_table(data, "images", ["image_id", *(c for pair in pairs_of_cols for c in pair)])
     texts = read_table(data, "texts", ["text_id", "text"])
     pairs, ranked, scores, k_stored = _ranked_pairs(data, texts)
     n_texts = texts.num_rows
@@ -135,8 +205,10 @@ def retrieval_diagnostics(
         return text_col.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
 
     img_ids = images.column("image_id").to_pylist()
-    tags_col = images.column("tags").to_pylist()
-    scores_col = images.column("tag_scores").to_pylist()
+    per_source = [(images.column(t).to_pylist(), images.column(s).to_pylist()) for t, s in pairs_of_cols]
+    sources_of = [[(t[i] or [], s[i] or []) for t, s in per_source] for i in range(len(img_ids))]
+    tags_col = [[x for t, _ in src for x in t] for src in sources_of]  # every tag of the query's sources
+    scores_col = [[x for _, s in src for x in s] for src in sources_of]
     with_pairs = [i for i, iid in enumerate(img_ids) if iid in ranked.index]
     # one generator, drawn in this order: the coverage sample, its random sentences, the examples
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD1A6]))
@@ -153,6 +225,7 @@ def retrieval_diagnostics(
         "images": len(img_ids),
         "images_with_pairs": len(with_pairs),
         "texts": n_texts,
+        **qs,
         "coverage_images": len(sample),
         "tag_coverage_retrieved": round(float(np.mean(cov_ret)), 4) if cov_ret else 0.0,
         "tag_coverage_random": round(float(np.mean(cov_rnd)), 4) if cov_rnd else 0.0,
@@ -169,7 +242,7 @@ def retrieval_diagnostics(
         {
             "image_id": img_ids[i],
             "tags": distinct_tags(tags_col[i], scores_col[i]),
-            "query": query_string(tags_col[i], scores_col[i], query),
+            "query": readable_query(image_query(sources_of[i], qs["query"], qs["query_mode"])),
             "retrieved": [
                 {"rank": r, "score": round(float(s), 4), "text_id": t, "text": x,
                  **({"gold": t in gold_of.get(img_ids[i], set())} if gold_of else {})}  # fmt: skip

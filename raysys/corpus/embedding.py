@@ -11,11 +11,18 @@ every candidate sentence with the same model; retrieval is then cosine similarit
   each tag once (best score first). Measured in docs/retrieval.md: keeping duplicates gave higher
   gold recall on the demo world (0.835 vs 0.745 @5) because confused detections are singletons
   while true classes repeat.
+* **Query form and tag source** (`EmbedConfig.query_mode`, `.tag_source`; `image_query`): the tags
+  come from the detector (`tags`), from featurize's whole-image ImageNet labels (`image_tags`,
+  `imagenet_top`) or both. `"string"` embeds them as the sentence above; `"tag_mean"` is the
+  official UVLP code's query — every tag embedded alone, the image the mean of its tag embeddings
+  (`encode_tag_means`). docs/retrieval.md has the measured table on Flickr8k train.
 * **Pipeline** (`embed`): `ray.data.read_parquet` of the images / texts shards →
   `map_batches(Embedder, compute=ActorPoolStrategy(size=n), batch_size=…, num_gpus=1 when GPUs
   exist)`; each actor loads the model once. Small inputs (≤ `IN_DRIVER_ROWS` rows) skip the
   read tasks: the driver reads the same columns and hands them over with `ray.data.from_arrow`;
-  the default pool is sized to the work (`ROWS_PER_ACTOR`): fixed start-up, docs/benchmarks.md.
+  the default pool is sized to the work (`ROWS_PER_ACTOR`); inputs up to `EmbedConfig.driver_rows`
+  rows (default 4,096) skip Ray altogether: the driver runs the `Embedder` itself on the same
+  blocks (`_driver_batches`). Fixed start-up, docs/benchmarks.md.
   The driver reassembles the rows of each input shard and writes
   `embeddings/{images,texts}/part-NNNNN.parquet` (`id`, `vector`: unit-norm float32), shard *i*
   holding the rows of input shard *i* in input order. A shard exists only when complete, so a
@@ -26,8 +33,9 @@ every candidate sentence with the same model; retrieval is then cosine similarit
   therefore encodes sentences grouped by token length: equal-length batches carry no padding and
   gave bit-identical vectors for any batch composition, batch size and thread count here.
 
-`sentence_transformers` costs ~8 s to import: it is imported inside the actor (and the baseline),
-never at module import, so the CLI and the driver stay light.
+`sentence_transformers` costs ~8 s to import: it is imported only where a model other than the
+packaged MiniLM is loaded (`load_model`; the packaged one runs on plain `transformers`,
+`PackagedMiniLM`, bit-identical), never at module import, so the CLI and the driver stay light.
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -58,6 +66,16 @@ ID_COLUMN = {"images": "image_id", "texts": "text_id"}
 META = "_meta.json"
 QueryMode = Literal["regions", "distinct"]  # see query_string
 QUERY_MODES = get_args(QueryMode)
+QueryForm = Literal["string", "tag_mean"]  # see image_query
+QUERY_FORMS = get_args(QueryForm)
+TagSource = Literal["auto", "detector", "imagenet", "both"]  # see image_query, resolve_tag_source
+TAG_SOURCES = get_args(TagSource)
+# The images-table columns (tags, scores) of each tag source; `imagenet` = featurize's imagenet_top labels.
+SOURCE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "detector": (("tags", "tag_scores"),),
+    "imagenet": (("image_tags", "image_tag_scores"),),
+    "both": (("tags", "tag_scores"), ("image_tags", "image_tag_scores")),
+}
 
 
 @dataclass
@@ -66,12 +84,15 @@ class EmbedConfig:
 
     model: str = ""  # "" / "all-MiniLM-L6-v2": the packaged MiniLM; else any sentence-transformers folder
     query: QueryMode = "regions"  # image query: "regions" (one tag per region, by score) or "distinct" (each tag once)
+    query_mode: QueryForm = "string"  # "string": the tags as one sentence; "tag_mean": mean of per-tag embeddings
+    tag_source: TagSource = "auto"  # "detector", featurize's "imagenet" labels, "both"; "auto": both where labels exist
     batch_size: int = 128  # sentences per forward pass inside an actor
     block_rows: int = 2048  # rows per Ray Data block = per actor call
     actors: int = 0  # 0: one per GPU when the cluster has GPUs, else one per cluster CPU; at most one per ROWS_PER_ACTOR rows
     cpus_per_actor: float = 0.5  # fractional: whole-CPU actors deadlock a 2-CPU Ray Data pool (STACK-NOTES)
     threads_per_actor: int = 1  # torch intra-op threads of a CPU actor
     strict: bool = False  # an image without tags (no query) fails the run; else it is skipped and counted
+    driver_rows: int = 4096  # inputs up to this many rows are embedded in the driver, without Ray (0: always Ray)
 
 
 def resolve_model(name: str = "") -> str:
@@ -110,23 +131,111 @@ def distinct_tags(tags: Sequence[str], scores: Sequence[float] | None = None) ->
     return sorted(best, key=lambda t: (-best[t][0], best[t][1]))
 
 
-def query_string(tags: Sequence[str], scores: Sequence[float] | None = None, mode: QueryMode = "regions") -> str:
-    """The retrieval query of one image (see module doc): "regions" keeps one tag per region,
-    surest first; "distinct" keeps each tag once, by its best score."""
+def query_tags(tags: Sequence[str], scores: Sequence[float] | None = None, mode: QueryMode = "regions") -> list[str]:
+    """The normalised tags of one image's query, in query order: "regions" keeps one tag per
+    region, surest first; "distinct" keeps each tag once, by its best score."""
     if mode == "distinct":
-        return " ".join(distinct_tags(tags, scores))
+        return distinct_tags(tags, scores)
     if mode != "regions":
         raise ConfigError(f"retrieval.embed.query: {mode!r} is not one of {list(QUERY_MODES)}")
     norm = [normalise_tag(t) for t in tags]
     key = [-(float(scores[i]) if scores is not None and i < len(scores) else 0.0) for i in range(len(norm))]
-    return " ".join(norm[i] for i in sorted(range(len(norm)), key=lambda i: (key[i], i)) if norm[i])
+    return [norm[i] for i in sorted(range(len(norm)), key=lambda i: (key[i], i)) if norm[i]]
 
 
-def _queries_block(batch: pa.Table, mode: QueryMode = "regions") -> pa.Table:
+def query_string(tags: Sequence[str], scores: Sequence[float] | None = None, mode: QueryMode = "regions") -> str:
+    """The retrieval query of one image as one sentence (see module doc and `query_tags`)."""
+    return " ".join(query_tags(tags, scores, mode))
+
+
+# A `tag_mean` query travels through the embedding pipeline as one string: this marker, then the tags
+# joined by SEP. `encode_deterministic` embeds each tag alone and returns the normalised mean. Control
+# characters, so that no caption or tag is taken for one (tags are whitespace-normalised).
+MEAN_QUERY = "\x1etag_mean\x1f"
+TAG_SEP = "\x1f"
+
+
+def mean_query(tags: Sequence[str]) -> str:
+    """The `tag_mean` query of a tag list ("" for no tags: such an image has no query)."""
+    tags = [t for t in (normalise_tag(t) for t in tags) if t]
+    return MEAN_QUERY + TAG_SEP.join(tags) if tags else ""
+
+
+def mean_query_tags(text: str) -> list[str] | None:
+    """The tags of a `tag_mean` query, or None when `text` is an ordinary sentence."""
+    return text[len(MEAN_QUERY):].split(TAG_SEP) if text.startswith(MEAN_QUERY) else None
+
+
+def check_query_options(cfg: EmbedConfig) -> None:
+    """Bad query settings are a config error before anything runs."""
+    query_tags(["x"], None, cfg.query)
+    if cfg.query_mode not in QUERY_FORMS:
+        raise ConfigError(f"retrieval.embed.query_mode: {cfg.query_mode!r} is not one of {list(QUERY_FORMS)}")
+    if cfg.tag_source not in TAG_SOURCES:
+        raise ConfigError(f"retrieval.embed.tag_source: {cfg.tag_source!r} is not one of {list(TAG_SOURCES)}")
+
+
+def query_options(cfg: EmbedConfig) -> dict[str, str]:
+    """The keyword arguments of `_queries_block` / `image_query` that a config selects."""
+    return {"mode": cfg.query, "query_mode": cfg.query_mode, "tag_source": cfg.tag_source}
+
+
+#: The query settings before `query_mode` / `tag_source` existed: what metadata without them means.
+LEGACY_QUERY = {"query_mode": "string", "tag_source": "detector"}
+
+
+def query_meta(cfg: EmbedConfig) -> dict[str, str]:
+    """What the image embeddings' `_meta.json` records of the query (`tag_source` resolved); the
+    new options only where they differ from LEGACY_QUERY, so embeddings made before stay valid."""
+    meta = {"query": cfg.query}
+    meta.update({k: getattr(cfg, k) for k, v in LEGACY_QUERY.items() if getattr(cfg, k) != v})
+    return meta
+
+
+def resolve_tag_source(cfg: EmbedConfig, data: Path) -> EmbedConfig:
+    """`tag_source: auto` → "both" when every images shard holds featurize's ImageNet labels (the
+    best combination measured on Flickr8k train, docs/retrieval.md), else "detector" (datasets
+    from the demo world or importers, which have no labels, keep their queries)."""
+    if cfg.tag_source != "auto":
+        return cfg
+    files = shard_files(data, "images")
+    labelled = bool(files) and all("image_tags" in pq.read_schema(f).names for f in files)
+    return replace(cfg, tag_source="both" if labelled else "detector")
+
+
+def query_columns(tag_source: TagSource = "detector") -> list[str]:
+    """The images-table columns that the queries of a tag source read."""
+    return ["image_id", *(c for pair in SOURCE_COLUMNS[tag_source] for c in pair)]
+
+
+def image_query(
+    sources: Sequence[tuple[Sequence[str] | None, Sequence[float] | None]],
+    mode: QueryMode = "regions",
+    query_mode: QueryForm = "string",
+) -> str:
+    """One image's query from its (tags, scores) per tag source, in source order (detector tags,
+    then ImageNet labels: their scores are not comparable, so they are not merged by score).
+
+    "string" (today's default) joins the tags into one sentence for the model. "tag_mean" is the
+    official UVLP implementation's query: each tag embedded alone and the image represented by the
+    mean of its tag embeddings, so tag order does not matter (its author, zmykevin/UVLP issue #2,
+    2022-07-12). With "regions" a tag counts once per region in that mean; "distinct" once.
+    """
+    tags: list[str] = []
+    for t, s in sources:
+        tags += query_tags(t or [], s, mode)
+    if mode == "distinct":
+        tags = list(dict.fromkeys(tags))
+    return " ".join(tags) if query_mode == "string" else mean_query(tags)
+
+
+def _queries_block(
+    batch: pa.Table, mode: QueryMode = "regions", query_mode: QueryForm = "string", tag_source: TagSource = "detector"
+) -> pa.Table:
     """Ray Data map: images rows → (table, path, id, text) rows holding the query strings."""
-    tags = batch.column("tags").to_pylist()
-    scores = batch.column("tag_scores").to_pylist()
-    text = pa.array([query_string(t or [], s, mode) for t, s in zip(tags, scores)], pa.string())
+    cols = [(batch.column(t).to_pylist(), batch.column(s).to_pylist()) for t, s in SOURCE_COLUMNS[tag_source]]
+    per_image = [[(t[i], s[i]) for t, s in cols] for i in range(batch.num_rows)]
+    text = pa.array([image_query(src, mode, query_mode) for src in per_image], pa.string())
     out = pa.table(
         {
             "table": pa.array(["images"] * batch.num_rows, pa.string()),
@@ -173,9 +282,12 @@ def encode_deterministic(model: Any, texts: Sequence[str], batch_size: int = 128
     """Unit-norm float32 embeddings whose values do not depend on the batch a text came in.
 
     Texts are grouped by token length and each group is encoded on its own: no padding, so every
-    row's arithmetic is the same whatever its neighbours (see module doc).
+    row's arithmetic is the same whatever its neighbours (see module doc). A `tag_mean` query
+    (`mean_query`) becomes the normalised mean of its tags' embeddings (`encode_tag_means`).
     """
     texts = [str(t) for t in texts]
+    if any(t.startswith(MEAN_QUERY) for t in texts):
+        return encode_tag_means(model, texts, batch_size)
     dim = embedding_dim(model)
     out = np.empty((len(texts), dim), np.float32)
     if not texts:
@@ -198,8 +310,72 @@ def encode_deterministic(model: Any, texts: Sequence[str], batch_size: int = 128
     return out
 
 
+def encode_tag_means(model: Any, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    """`encode_deterministic` of texts some of which are `tag_mean` queries: every distinct tag (and
+    plain text) is embedded once, alone; a query's vector is the mean of its tags' unit vectors
+    (in its tag order, so the same for any batch), normalised to unit length. Normalising does not
+    change the ranking of the official unnormalised mean: cosine ranking ignores the query's norm."""
+    parts = [mean_query_tags(t) or [t] for t in texts]
+    unique = list(dict.fromkeys(x for p in parts for x in p))
+    vec = encode_deterministic(model, unique, batch_size)
+    row = {x: i for i, x in enumerate(unique)}
+    out = np.stack([vec[[row[x] for x in p]].mean(axis=0) for p in parts]) if texts else vec[:0]
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+
+class PackagedMiniLM:
+    """The packaged all-MiniLM-L6-v2 run with plain `transformers`: the same vectors, bit for bit,
+    as `SentenceTransformer(...).encode(normalize_embeddings=True)`, without importing
+    sentence-transformers (~10 s more than torch + transformers on this machine; the fixed cost of
+    every embedding stage, docs/benchmarks.md). It repeats that model's modules (modules.json:
+    Transformer → mean Pooling → Normalize), the encode-time normalisation on top, and encode's
+    batching (longest text first); `tests/test_retrieval.py` checks the equality. Any other model
+    goes through sentence-transformers (`load_model`)."""
+
+    def __init__(self, device: str = "cpu"):
+        import torch  # lazy: 3 s, paid only where a model is loaded
+        from transformers import AutoModel, AutoTokenizer  # lazy: paid only where a model is loaded
+
+        path = Path(resolve_model(""))
+        self.max_seq_length = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).to(device).eval()
+        self.device, self._torch = device, torch
+
+    def get_embedding_dimension(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128, normalize_embeddings: bool = True, **_: Any) -> np.ndarray:
+        torch, F = self._torch, self._torch.nn.functional
+        texts = [str(t) for t in texts]
+        order = np.argsort([-len(t) for t in texts])  # as SentenceTransformer.encode batches
+        out = np.empty((len(texts), self.get_embedding_dimension()), np.float32)
+        with torch.inference_mode():
+            for lo in range(0, len(texts), batch_size):
+                idx = order[lo : lo + batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation="longest_first",
+                                     max_length=self.max_seq_length, return_tensors="pt").to(self.device)  # fmt: skip
+                h = self.model(**enc, return_dict=True)["last_hidden_state"]
+                mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                mean = (h * mask).sum(dim=1, dtype=torch.float32) / torch.clamp(mask.sum(dim=1, dtype=torch.float32), min=1e-9)
+                v = F.normalize(mean.to(h.dtype), p=2, dim=-1)  # the Normalize module
+                if normalize_embeddings:  # encode's own normalisation, on top (changes last bits)
+                    v = F.normalize(v, p=2, dim=1)
+                out[idx] = v.float().cpu().numpy()
+        return out
+
+
+def load_encoder(name: str = "", device: str = "cpu") -> Any:
+    """What an `Embedder` encodes with: `PackagedMiniLM` for the packaged model, else `load_model`."""
+    if name in ("", PACKAGED_MODEL, f"sentence-transformers/{PACKAGED_MODEL}"):
+        return PackagedMiniLM(device)
+    return load_model(name, device)
+
+
 class Embedder:
-    """Ray Data actor: loads the model once, then embeds the `text` column of every batch.
+    """Ray Data actor (or, for small inputs, a plain object in the driver): loads the model once,
+    then embeds the `text` column of every batch.
 
     Other columns pass through; the output adds `vector` (unit-norm float32) and drops `text`.
     """
@@ -210,7 +386,7 @@ class Embedder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
-        self.model = load_model(model, self.device)
+        self.model = load_encoder(model, self.device)
         self.batch_size = batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -271,6 +447,18 @@ def input_files(data: Path, table: str) -> list[Path]:
     return files
 
 
+def source_has_query(t: pa.Table, file: Path, tag_source: TagSource = "detector") -> np.ndarray:
+    """`has_query` over the tag columns of a tag source (an image has a query when any source gives
+    it a tag); a source whose columns the shard lacks is a ContractError naming the fix."""
+    ok = np.zeros(t.num_rows, bool)
+    for tags, _ in SOURCE_COLUMNS[tag_source]:
+        if tags not in t.column_names:
+            raise ContractError(file, None, tags, f"missing column: tag_source={tag_source!r} needs ImageNet labels; "
+                                "featurize with imagenet_top=N (e.g. 5)")  # fmt: skip
+        ok |= has_query(t.column(tags))
+    return ok
+
+
 def has_query(tags: pa.ChunkedArray) -> np.ndarray:
     """Per row of an images shard's `tags` column: does the image have a non-blank tag (a query)?"""
     tags = tags.combine_chunks()
@@ -281,7 +469,8 @@ def has_query(tags: pa.ChunkedArray) -> np.ndarray:
     return ok
 
 
-def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = False) -> dict[Path, np.ndarray]:
+def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = False,
+                 tag_source: TagSource = "detector") -> dict[Path, np.ndarray]:  # fmt: skip
     """Fail fast, before any actor starts, on blank texts and duplicate ids; for images, return
     each file's `has_query` mask (the embedding run reuses it). An image without tags has no
     retrieval query: it is skipped (kept for image-only pre-training, absent from `pairs/`) and
@@ -291,10 +480,12 @@ def check_inputs(data: Path, table: str, files: Iterable[Path], strict: bool = F
     id_columns: list[pa.ChunkedArray] = []
     skipped, first = 0, None
     for f in files:
-        t = pq.read_table(f, columns=[ID_COLUMN[table], "tags" if table == "images" else "text"])
+        names = pq.read_schema(f).names
+        cols = [c for c in query_columns(tag_source) if c in names] if table == "images" else [ID_COLUMN[table], "text"]
+        t = pq.read_table(f, columns=cols)
         id_columns.append(t.column(0))
         if table == "images":
-            ok = masks[f] = has_query(t.column("tags"))
+            ok = masks[f] = source_has_query(t, f, tag_source)
             if not ok.all():
                 skipped += int((~ok).sum())
                 if first is None:
@@ -395,20 +586,22 @@ def embed(
     """
     cfg = cfg or EmbedConfig()
     data = Path(data)
+    cfg = resolve_tag_source(cfg, data) if "images" in tables else cfg
     plan: dict[str, dict[str, Any]] = {}
     for table in tables:
         files = input_files(data, table)
         out_dir = data / "embeddings" / table
         meta = {"table": table, "model": model_id(cfg.model), "inputs": fingerprint(files)}
         if table == "images":
-            query_string(["x"], None, cfg.query)  # a bad mode is a config error before anything runs
-            meta["query"] = cfg.query
+            check_query_options(cfg)  # a bad mode is a config error before anything runs
+            meta.update(query_meta(cfg))
         kept = reset_if_stale(out_dir, meta)
         pending = [i for i in range(len(files)) if not (out_dir / shard_name(i)).exists()]
         masks: dict[Path, np.ndarray] = {}
         if pending:
             # images: always every shard (cheap: the tags column), so "no image has a tag" is judged on all
-            masks = check_inputs(data, table, [files[i] for i in pending] if kept and table == "texts" else files, cfg.strict)
+            masks = check_inputs(data, table, [files[i] for i in pending] if kept and table == "texts" else files, cfg.strict,
+                                 cfg.tag_source)  # fmt: skip
         plan[table] = {"files": files, "out": out_dir, "pending": pending, "has_query": masks}
     todo = {t: p for t, p in plan.items() if p["pending"]}
     if todo:
@@ -437,17 +630,17 @@ def _driver_rows(todo: dict[str, dict[str, Any]], cfg: EmbedConfig) -> list[pa.T
     for table, p in todo.items():
         for i in p["pending"]:
             f = p["files"][i]
-            cols = ["image_id", "tags", "tag_scores"] if table == "images" else ["text_id", "text"]
+            cols = query_columns(cfg.tag_source) if table == "images" else ["text_id", "text"]
             t = pq.read_table(f, columns=cols)
             t = t.append_column("path", pa.array([str(f)] * t.num_rows, pa.string()))
-            parts.append(_queries_block(t, cfg.query) if table == "images" else _texts_block(t))
+            parts.append(_queries_block(t, **query_options(cfg)) if table == "images" else _texts_block(t))
     return parts
 
 
 def _dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
     import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
 
-    rows = sum(_file_rows(p["files"][i]) for p in todo.values() for i in p["pending"])
+    rows = _pending_rows(todo)
     n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
     block = block_rows_for(rows, n, cfg.block_rows)
     n = sized_to_work(n, rows, cfg.actors)
@@ -477,16 +670,39 @@ def _read_dataset(todo: dict[str, dict[str, Any]], cfg: EmbedConfig):
         paths = [str(p["files"][i]) for i in p["pending"]]
         if table == "images":
             # select_columns is pushed down into the read: the heavy `features` column is never loaded
-            ds = ray.data.read_parquet(paths, include_paths=True).select_columns(["image_id", "tags", "tag_scores", "path"])
-            parts.append(ds.map_batches(_queries_block, fn_kwargs={"mode": cfg.query}, batch_format="pyarrow", batch_size=None))
+            ds = ray.data.read_parquet(paths, include_paths=True).select_columns([*query_columns(cfg.tag_source), "path"])
+            parts.append(ds.map_batches(_queries_block, fn_kwargs=query_options(cfg), batch_format="pyarrow", batch_size=None))
         else:
             ds = ray.data.read_parquet(paths, include_paths=True).select_columns(["text_id", "text", "path"])
             parts.append(ds.map_batches(_texts_block, batch_format="pyarrow", batch_size=None))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _driver_batches(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Small inputs (≤ `EmbedConfig.driver_rows`): the `Embedder` runs here, in the driver, on the
+    blocks the actor pool would get (`_driver_rows` cut to `block_rows_for` the CPUs) — no Ray,
+    no actor start-up; the same vectors, since they do not depend on batching or threads (module
+    doc). Torch's thread count is the actors' (`threads_per_actor`) while it runs: on a loaded
+    machine more threads were slower (docs/benchmarks.md); it is restored afterwards."""
+    import torch  # lazy: paid only where a model is loaded
+
+    block = block_rows_for(rows, os.cpu_count() or 1, cfg.block_rows)
+    threads = torch.get_num_threads()
+    try:
+        embedder = Embedder(cfg.model, cfg.batch_size, cfg.threads_per_actor)
+        for part in _driver_rows(todo, cfg):
+            for lo in range(0, part.num_rows, block):
+                t = part.slice(lo, block)
+                yield embedder({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pending_rows(todo: dict[str, dict[str, Any]]) -> int:
+    return sum(_file_rows(p["files"][i]) for p in todo.values() for i in p["pending"])
+
+
 def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[Path], None] | None) -> None:
-    ensure_ray()
     # (table, file name) -> shard index, expected rows; images without a query are not embedded
     where: dict[tuple[str, str], tuple[int, int]] = {}
     keep: dict[tuple[str, str], np.ndarray] = {}
@@ -521,7 +737,12 @@ def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[
         if on_shard is not None:
             on_shard(path)
 
-    batches = iter(_dataset(todo, cfg).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+    rows = _pending_rows(todo)
+    if rows <= cfg.driver_rows:
+        batches: Iterator[dict[str, np.ndarray]] = _driver_batches(todo, cfg, rows)
+    else:
+        ensure_ray()
+        batches = iter(_dataset(todo, cfg).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
     try:
         for batch in batches:
             vec = batch["vector"]

@@ -93,6 +93,25 @@ def check_index(name: str, dim: int, shard_rows: int, options: IndexOptions) -> 
 # ---------------------------------------------------------------- the FAISS backend
 
 
+# A dimension divisible by every usual PQ/OPQ sub-quantizer count: a factory string that fails to
+# parse at this dimension is wrong at any (the exact dimension is checked again after embedding).
+PARSE_DIM = 2**8 * 3 * 5 * 7
+
+
+def check_factory_string(factory: str) -> None:
+    """Refuse a string `faiss.index_factory` cannot parse, while the config is read (and under
+    --dry-run): no embedding is computed for a run whose index cannot be built."""
+    import faiss  # lazy: 0.5 s that importers of the configs, and other backends, need not pay
+
+    if not isinstance(factory, str) or not factory.strip():
+        raise ConfigError(f"retrieval.index: {factory!r} is not a FAISS index_factory string")
+    try:
+        faiss.index_factory(PARSE_DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        why = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1]  # drop faiss's C++ source location
+        raise ConfigError(f"retrieval.index: {factory!r} is not a FAISS index_factory string ({why})") from None
+
+
 def check_factory(factory: str, dim: int, shard_rows: int) -> None:
     """Reject a bad index string, or an IVF with more lists than a shard has vectors, before any actor starts."""
     import faiss  # lazy: 0.5 s that importers of the configs, and other backends, need not pay

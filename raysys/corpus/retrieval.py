@@ -38,6 +38,7 @@ from raysys.config import ConfigError
 from raysys.contract import (
     PAIRS_SCHEMA,
     ContractError,
+    count_rows,
     read_table,
     shard_files,
     shard_name,
@@ -46,8 +47,15 @@ from raysys.contract import (
     write_text_atomic,
 )
 from raysys.corpus.diagnostics import retrieval_diagnostics, write_report
-from raysys.corpus.embedding import EmbedConfig, embed, fingerprint, model_id, read_vectors
-from raysys.corpus.index import IndexOptions, check_index, get_index
+from raysys.corpus.embedding import (
+    EmbedConfig,
+    check_query_options,
+    embed,
+    fingerprint,
+    model_id,
+    read_vectors,
+)
+from raysys.corpus.index import IndexOptions, check_factory_string, check_index, get_index
 from raysys.plugins import load_plugins
 from raysys.raycluster import ensure_ray
 
@@ -83,6 +91,9 @@ class RetrievalConfig:
         if self.query_batch < 1:
             raise ConfigError(f"retrieval.query_batch must be >= 1, got {self.query_batch}")
         get_index(self.backend)  # unknown backend: a config error before anything runs
+        if self.backend == DEFAULT_BACKEND:  # a bad factory string: refused before any embedding
+            check_factory_string(self.index)
+        check_query_options(self.embed)  # query form and tag source: refused before anything runs
 
     def index_options(self) -> IndexOptions:
         """The shards' index options; `ShardedIndex` fills in threads, per-shard seeds and GPUs."""
@@ -301,6 +312,16 @@ def _search_shards(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_
     return index.info
 
 
+def _warn_k(k: int, n_texts: int, log_it: bool = True) -> str | None:
+    """K above the corpus size is not an error (every text is retrieved) but is rarely meant."""
+    if not n_texts or k <= n_texts:
+        return None
+    msg = f"retrieval.k={k} but the corpus holds {n_texts} texts: {n_texts} stored per image"
+    if log_it:
+        log.warning(msg)
+    return msg
+
+
 def retrieve(
     data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
@@ -308,6 +329,7 @@ def retrieve(
     cfg = cfg or RetrievalConfig()
     cfg.check()
     data = Path(data)
+    _warn_k(cfg.k, count_rows(data, "texts"))
     t0 = time.perf_counter()
     emb = embed(data, cfg.embed, ("images", "texts"), on_shard)
     t_embed = time.perf_counter() - t0
@@ -327,7 +349,7 @@ def retrieve(
                                    query=cfg.embed.query)  # fmt: skip
     report.update(
         {
-            "k_stored": k_search,
+            "k_stored": min(k_search, n_texts),  # the K actually stored: a corpus smaller than K caps it
             "pairs": n_pairs,
             "pairs_at_k": int(sum(pc.sum(pc.less(pq.read_table(f, columns=["rank"]).column(0), cfg.k)).as_py() or 0
                                   for f in shard_files(data, "pairs"))),
@@ -343,6 +365,8 @@ def retrieve(
             "seconds_search": round(t_search, 2),
         }
     )
+    if cfg.k > n_texts:
+        report["warnings"] = [_warn_k(cfg.k, n_texts, log_it=False)]
     write_report(data, "retrieval", report)
     update_manifest(
         data, "retrieval", counts={"pairs": n_pairs},

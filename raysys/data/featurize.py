@@ -79,6 +79,8 @@ class FeaturizeConfig:
     roi_pool: int = 2  # RoIAlign bins per side, averaged into one vector
     feature_batch: int = 1  # images per feature-network forward (1 is fastest on one CPU thread)
     grid: int = 2  # fallback grid (grid x grid cells) when nothing is detected; 0 = none
+    imagenet_top: int = 5  # > 0: also store the feature network's top ImageNet labels per image (image_tags); 0 = off
+    imagenet_min_score: float = 0.05  # labels below this probability are dropped (the best one is always kept)
     max_side: int = 1024  # larger images are downscaled before detection (boxes stay in original pixels)
     min_side: int = 8  # smaller images are failures
     max_pixels: int = 100_000_000  # larger images are failures (decompression bombs)
@@ -100,6 +102,8 @@ class FeaturizeConfig:
             raise configlib.ConfigError(f"featurize.min_score: {self.min_score} is not in (0, 1]")
         if self.grid < 0:
             raise configlib.ConfigError("featurize.grid: must be >= 0")
+        if self.imagenet_top < 0 or not 0.0 <= self.imagenet_min_score <= 1.0:
+            raise configlib.ConfigError("featurize.imagenet_top must be >= 0 and imagenet_min_score in [0, 1]")
 
     def backends(self) -> tuple[str, str]:
         import_plugins(self.plugins)
@@ -113,7 +117,19 @@ class FeaturizeConfig:
         """What determines a shard's content: a re-run with other values must not mix shards."""
         det, feat = self.backends()
         keys = ("max_regions", "min_score", "nms_iou", "detector_input", "feature_input", "roi_pool", "grid", "max_side")
+        if self.labels(feat):  # only then: shards written without labels stay valid
+            keys += ("imagenet_top", "imagenet_min_score")
         return {"detector": det, "features": feat, **{k: getattr(self, k) for k in keys}}
+
+    def labels(self, feat_name: str) -> bool:
+        """Are ImageNet labels stored? `imagenet_top > 0` and the region-feature backend has an image
+        classifier head (efficientnet-lite0 has; a plugin backend without one simply stores none)."""
+        return self.imagenet_top > 0 and get_features(feat_name).label_vocabulary() is not None
+
+
+# Optional images-table columns of `imagenet_top`: whole-image classifier labels (readable names,
+# best first) and their probabilities. Image-side only: they come from the image, never a caption.
+LABEL_COLUMNS = (("image_tags", pa.list_(pa.string())), ("image_tag_scores", pa.list_(pa.float32())))
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -325,6 +341,7 @@ class Featurizer:
         )
         feat_cls = get_features(feat_name)
         self.featurizer = feat_cls(input_size=c.feature_input, roi_pool=c.roi_pool, forward_batch=c.feature_batch)
+        self.labels = c.labels(feat_name)
         self.dim = feat_cls.feature_dim()
         self.vocab = type(self.detector).vocabulary()
         self.source = f"featurize:{det_name}+{feat_name}"
@@ -348,7 +365,13 @@ class Featurizer:
             assemble_regions(d, im.shape[1], im.shape[0], c.max_regions, c.grid) for d, im in zip(dets, imgs)
         ]
         t2 = time.perf_counter()
-        feats = self.featurizer.features(imgs, [r["boxes"] for r in regions]) if imgs else []
+        labels: list[Any] = []
+        if self.labels:
+            feats, labels = self.featurizer.features_and_labels(
+                imgs, [r["boxes"] for r in regions], c.imagenet_top, c.imagenet_min_score
+            )
+        else:
+            feats = self.featurizer.features(imgs, [r["boxes"] for r in regions]) if imgs else []
         t3 = time.perf_counter()
 
         records: list[ImageRecord] = []
@@ -385,6 +408,8 @@ class Featurizer:
                 )
             )
         table = images_table(records, self.dim)
+        if self.labels:
+            table = _append_labels(table, [labels[by_pos[i]] if i in by_pos and not errors[i] else None for i in range(n)])
         per = 1.0 / max(n, 1)
         extra = {
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),
@@ -400,6 +425,15 @@ class Featurizer:
         for name, col in extra.items():
             table = table.append_column(name, col)
         return table
+
+
+def _append_labels(table: Any, labels: list[Any]) -> Any:
+    """The LABEL_COLUMNS of a batch: an image without labels (a failure) gets empty lists."""
+    names = [list(lab.names) if lab is not None else [] for lab in labels]
+    scores = [np.asarray(lab.scores, np.float32).tolist() if lab is not None else [] for lab in labels]
+    for (name, typ), col in zip(LABEL_COLUMNS, (names, scores)):
+        table = table.append_column(name, pa.array(col, typ))
+    return table
 
 
 def _empty_record(image_id: str, dim: int, source: str) -> ImageRecord:
@@ -466,7 +500,11 @@ def featurize(
     cfg.check()
     t_start = time.perf_counter()
     out = Path(out)
+    if out.exists() and not out.is_dir():  # refused before the models load, not after the work
+        raise configlib.ConfigError(f"{out}: exists and is not a directory; --out names a dataset directory")
     det_name, feat_name = cfg.backends()
+    if cfg.imagenet_top > 0 and not cfg.labels(feat_name):
+        log.warning("featurize: region-feature backend %r has no image classifier: no ImageNet labels stored", feat_name)
     dim = get_features(feat_name).feature_dim()
     vocab = get_detector(det_name).vocabulary()
     settings = cfg.output_settings()
@@ -539,8 +577,10 @@ def featurize(
         feature_dim=dim,
         tag_vocab=vocab,
         counts={"images": report["images"]},
-        provenance={"detector": det_name, "features": feat_name, "input": _describe(images), "failed": report["failed"]},
-    )
+        provenance={"detector": det_name, "features": feat_name, "input": _describe(images), "failed": report["failed"],
+                    **({"image_tags": f"{feat_name} ImageNet top {cfg.imagenet_top} (p >= {cfg.imagenet_min_score:g})"}
+                       if cfg.labels(feat_name) else {})},
+    )  # fmt: skip
     return report
 
 
@@ -609,6 +649,9 @@ def _write_shard(
     }
     write_text_atomic(_sidecar(out, s), json.dumps(meta))
     schema = images_schema(dim)
+    if "image_tags" in good.column_names:
+        for name, typ in LABEL_COLUMNS:
+            schema = schema.append(pa.field(name, typ))
     write_parquet_atomic(good.select(schema.names).cast(schema), out / "images" / shard_name(s))
     log.info("featurize: wrote %s (%d images, %d failed)", shard_name(s), good.num_rows, len(failures))
 
@@ -625,12 +668,20 @@ def build_report(out: Path, shards: list[list[str]], dim: int) -> dict[str, Any]
     n_dets: list[int] = []
     tag_regions: dict[str, int] = {}
     tag_images: dict[str, int] = {}
+    label_images: dict[str, int] = {}
+    n_labels: list[int] = []
     for s in range(len(shards)):
         meta = json.loads(_sidecar(out, s).read_text())
         failures += meta["failures"]
         handled += meta["handled"]
         n_dets += meta["n_detections"]
-        t = pq.read_table(out / "images" / shard_name(s), columns=["tags", "class_ids"])
+        path = out / "images" / shard_name(s)
+        if "image_tags" in pq.read_schema(path).names:
+            for row in pq.read_table(path, columns=["image_tags"]).column(0).to_pylist():
+                n_labels.append(len(row))
+                for name in set(row):
+                    label_images[name] = label_images.get(name, 0) + 1
+        t = pq.read_table(path, columns=["tags", "class_ids"])
         cids = t.column("class_ids").combine_chunks()
         n_regions.append(np.asarray(cids.value_lengths().to_numpy(zero_copy_only=False)))
         for row_tags, row_ids in zip(t.column("tags").to_pylist(), cids.to_pylist()):
@@ -664,6 +715,9 @@ def build_report(out: Path, shards: list[list[str]], dim: int) -> dict[str, Any]
         "feature_dim": dim,
         "tag_histogram": dict(sorted(tag_regions.items(), key=lambda kv: (-kv[1], kv[0]))),
         "tag_images": dict(sorted(tag_images.items(), key=lambda kv: (-kv[1], kv[0]))),
+        **({"image_tags_mean": round(float(np.mean(n_labels)), 3),
+            "image_tag_images": dict(sorted(label_images.items(), key=lambda kv: (-kv[1], kv[0])))}
+           if n_labels else {}),  # fmt: skip
         "failure_reasons": reasons,
         "failures": failures,
         "handled_counts": notes,
@@ -685,6 +739,11 @@ def format_summary(report: dict[str, Any], out: str | os.PathLike, max_list: int
         f"  shards: {r['shards']} ({r['shards_written']} written, {r['shards_skipped']} already done);"
         f" {r['seconds']} s" + (f", {r['images_per_s_this_run']} images/s" if r.get("images_per_s_this_run") else ""),
     ]
+    if r.get("image_tag_images"):
+        lines.append(
+            f"  ImageNet labels per image: {r['image_tags_mean']}; top: "
+            + ", ".join(f"{k} {v}" for k, v in list(r["image_tag_images"].items())[:12])
+        )
     if r["handled_counts"]:
         lines.append("  handled: " + ", ".join(f"{k} {v}" for k, v in r["handled_counts"].items()))
     if r["failures"]:

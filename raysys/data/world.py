@@ -46,6 +46,7 @@ from raysys.contract import (
     shard_name,
     update_manifest,
     write_parquet_atomic,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class WorldConfig:
     eval_fraction: float = 0.1  # images whose gold pairs form the evaluation split
     rows_per_shard: int = 2500
     workers: int = 0  # generator processes; 0 = one per CPU
+    tasks: bool = True  # also write the downstream suite (tasks/, from the gold "eval" images)
+    tasks_eval_fraction: float = 0.4  # share of those images in the suite's eval split (the rest: its train split)
+    tasks_per_image: int = 4  # examples per task and image (retrieval: the image's captions)
 
 
 def plural(name: str) -> str:
@@ -303,10 +307,194 @@ def _write_world(cfg: WorldConfig, out: Path) -> dict:
             "text_id": id_of[: len(captions)].tolist(),
             "split": ["eval" if i in eval_images else "train" for i in cap_image],
         }, schema=GOLD_SCHEMA), d / shard_name(0))  # fmt: skip
+    downstream = write_tasks(cfg, out, sorted(eval_images)) if cfg.tasks else None
     return update_manifest(
         out, "world",
-        feature_dim=cfg.feature_dim, tag_vocab=COCO_CLASSES,
+        feature_dim=cfg.feature_dim, tag_vocab=COCO_CLASSES, downstream=downstream,
         counts={"images": cfg.images, "regions": n_regions, "texts": len(texts), "gold": len(captions)},
         world=to_dict(cfg),
         provenance={"source": "raysys world", "config": json.loads(json.dumps(to_dict(cfg)))},
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the downstream suite (hidden truth → task files)
+#
+# Why from the gold "eval" images: pre-training already leaves them out (`pretrain.exclude_eval`,
+# default true), so fine-tuning and evaluating on them measures what pre-training transferred, not
+# what it memorised. They are featurized like every other image (they are rows of images/). The
+# suite splits them once more, by image, into its own train and eval splits.
+
+SUITE_TASKS = ("vqa", "nlvr2", "ve", "refcoco", "retrieval")
+RELATION_ANSWERS = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+
+
+def _count(img: WorldImage, c: int) -> int:
+    return int((img.classes == c).sum())
+
+
+def _absent(rng, img: WorldImage) -> int:
+    present = set(img.classes.tolist())
+    return int(rng.choice([c for c in range(len(COCO_CLASSES)) if c not in present]))
+
+
+def _vqa_items(rng, img: WorldImage, n: int) -> list[dict]:
+    """Questions on colours, counts, classes and relations, each answerable only from the regions."""
+    cls, col, box = img.classes, img.colours, img.record.boxes
+    uniq, counts = np.unique(cls, return_counts=True)
+    single = [int(r) for r in range(len(cls)) if counts[np.searchsorted(uniq, cls[r])] == 1]
+    lone_colour = [int(r) for r in range(len(cls)) if (col == col[r]).sum() == 1]
+    out: list[dict] = []
+    for q in range(n):
+        kind = (q + int(rng.integers(4))) % 5
+        if kind == 0 and single:
+            r = int(rng.choice(single))
+            qa = (f"What colour is the {COCO_CLASSES[cls[r]]}?", COLOURS[col[r]])
+        elif kind == 1:
+            c = int(rng.choice(uniq))
+            qa = (f"How many {plural(COCO_CLASSES[c])} are there?", str(_count(img, c)))
+        elif kind == 2 and lone_colour:
+            r = int(rng.choice(lone_colour))
+            qa = (f"What is the {COLOURS[col[r]]} object?", COCO_CLASSES[cls[r]])
+        elif kind == 3 and len(single) >= 2:
+            i, j = rng.choice(single, size=2, replace=False)
+            rel = RELATION_ANSWERS[_relation(box[i], box[j])]
+            qa = (f"Where is the {COCO_CLASSES[cls[i]]} relative to the {COCO_CLASSES[cls[j]]}?", rel)
+        else:
+            c = int(rng.choice(uniq)) if q % 2 == 0 else _absent(rng, img)
+            qa = (f"Is there a {COCO_CLASSES[c]} in the picture?", "yes" if _count(img, c) else "no")
+        out.append({"image": img.record.image_id, "question": qa[0], "answers": [qa[1]] * 10})
+    return out
+
+
+def _has(img: WorldImage, c: int, colour: int | None = None) -> bool:
+    return bool(((img.classes == c) & ((img.colours == colour) if colour is not None else True)).any())
+
+
+def _nlvr2_statement(rng, a: WorldImage, b: WorldImage) -> tuple[str, bool]:
+    """One statement over a (left, right) pair and its truth."""
+    kind = int(rng.integers(4))
+    pool = np.concatenate([a.classes, b.classes])
+    c = int(rng.choice(pool)) if rng.random() < 0.8 else _absent(rng, a)
+    name = COCO_CLASSES[c]
+    if kind == 0:
+        return f"Both images contain {article(name)} {name}.", _has(a, c) and _has(b, c)
+    if kind == 1:
+        return f"The left image has more {plural(name)} than the right image.", _count(a, c) > _count(b, c)
+    if kind == 2:
+        src = a if rng.random() < 0.5 else b
+        r = int(rng.integers(len(src.classes)))
+        side, img = ("left", a) if rng.random() < 0.5 else ("right", b)
+        c, colour = int(src.classes[r]), int(src.colours[r])
+        return f"There is {article(COLOURS[colour])} {COLOURS[colour]} {COCO_CLASSES[c]} in the {side} image.", _has(img, c, colour)
+    n = int(rng.integers(1, 4))
+    return f"There are {NUMBERS[n]} {plural(name) if n > 1 else name} in total.", _count(a, c) + _count(b, c) == n
+
+
+def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
+    """`n` statements per image, over pairs of images of the same split, labels balanced by rejection."""
+    out: list[dict] = []
+    order = rng.permutation(len(imgs))
+    for p in range(len(order) - 1):
+        a, b = imgs[order[p]], imgs[order[p + 1]]
+        seen: set[str] = set()
+        for s in range(n):
+            want = (s + p) % 2 == 0
+            for _ in range(30):
+                text, truth = _nlvr2_statement(rng, a, b)
+                if truth == want and text not in seen:
+                    break
+            seen.add(text)
+            out.append({"identifier": f"w-{a.record.image_id}-{b.record.image_id}-{s}", "img0": a.record.image_id,
+                        "img1": b.record.image_id, "sent": text, "label": int(truth)})  # fmt: skip
+    return out
+
+
+def _ve_hypothesis(rng, img: WorldImage, true: bool) -> str:
+    """A grounded statement from the caption grammar (class, colour, count, relation), true or false."""
+    cls, col, box = img.classes, img.colours, img.record.boxes
+    r = int(rng.integers(len(cls)))
+    kind = int(rng.integers(3))
+    wrong = [k for k in range(len(COLOURS)) if not _has(img, cls[r], k)]
+    if kind == 0 and (true or wrong):
+        colour = int(col[r]) if true else int(rng.choice(wrong))
+        return f"There is {article(COLOURS[colour])} {COLOURS[colour]} {COCO_CLASSES[cls[r]]}"
+    if kind == 1:
+        n = _count(img, cls[r])
+        if not true:
+            n = int(rng.choice([k for k in range(1, 6) if k != n]))
+        return f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {COCO_CLASSES[cls[r]] if n == 1 else plural(COCO_CLASSES[cls[r]])}"
+    j = int(rng.integers(len(cls)))
+    other = int(cls[j]) if true else _absent(rng, img)
+    if true and cls[j] != cls[r]:
+        return f"{_np(rng, cls[r], None, False)} {_relation(box[r], box[j])} {_np(rng, other, None, False)}"
+    return f"There is {article(COCO_CLASSES[other])} {COCO_CLASSES[other]} in the picture"
+
+
+def _ve_items(rng, img: WorldImage, n: int) -> list[dict]:
+    """Entailment: a true grounded statement; contradiction: the same grammar made false; neutral:
+    a true statement plus a scene, which the world never determines."""
+    out: list[dict] = []
+    for q in range(n):
+        label = ("entailment", "contradiction", "neutral")[(q + int(rng.integers(3))) % 3]
+        s = _ve_hypothesis(rng, img, label != "contradiction")
+        if label == "neutral":
+            s += " " + SCENES[rng.integers(len(SCENES))]
+        out.append({"image": img.record.image_id, "hypothesis": s[0].upper() + s[1:] + ".", "label": label})
+    return out
+
+
+def _refcoco_items(rng, img: WorldImage, n: int) -> list[dict]:
+    """Expressions naming one region by appearance only (RefCOCO+ has no location words): "the
+    <class>" when its class is unique in the image, else "the <colour> <class>" when that is."""
+    cls, col = img.classes, img.colours
+    cands = []
+    for r in range(len(cls)):
+        if _count(img, cls[r]) == 1:
+            cands.append((r, f"the {COCO_CLASSES[cls[r]]}"))
+        elif ((cls == cls[r]) & (col == col[r])).sum() == 1:
+            cands.append((r, f"the {COLOURS[col[r]]} {COCO_CLASSES[cls[r]]}"))
+    if len(cls) < 2 or not cands:
+        return []
+    pick = rng.choice(len(cands), size=min(n, len(cands)), replace=False)
+    return [{"image": img.record.image_id, "expression": cands[k][1],
+             "box": [round(float(v), 2) for v in img.record.boxes[cands[k][0]]]} for k in pick]  # fmt: skip
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_tasks(cfg: WorldConfig, out: Path, suite_images: list[int]) -> dict | None:
+    """The downstream suite on `suite_images` (the gold "eval" images): tasks/<task>/{train,eval}.jsonl
+    in formats the task readers take, split by image; returns the manifest's `downstream` record."""
+    if len(suite_images) < 4:
+        log.warning("world: %d eval images, too few for the downstream suite; none written", len(suite_images))
+        return None
+    P, A = prototypes(cfg)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5017E]))
+    ids = rng.permutation(suite_images)
+    n_eval = min(len(ids) - 2, max(2, int(round(cfg.tasks_eval_fraction * len(ids)))))
+    splits = {"train": sorted(ids[n_eval:].tolist()), "eval": sorted(ids[:n_eval].tolist())}
+    n = cfg.tasks_per_image
+    record: dict = {"source": "gold eval images (pre-training excludes them)", "tasks": {},
+                    "images": {k: len(v) for k, v in splits.items()}}  # fmt: skip
+    formats = {"vqa": "simple", "nlvr2": "lxmert", "ve": "simple", "refcoco": "simple", "retrieval": "simple"}
+    rows: dict[str, dict[str, list[dict]]] = {t: {} for t in SUITE_TASKS}
+    for split, members in splits.items():
+        imgs = [make_image(i, cfg, P, A) for i in members]
+        r = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5017E, int(split == "eval")]))
+        rows["vqa"][split] = [x for im in imgs for x in _vqa_items(r, im, n)]
+        rows["nlvr2"][split] = _nlvr2_items(r, imgs, n)
+        rows["ve"][split] = [x for im in imgs for x in _ve_items(r, im, n)]
+        rows["refcoco"][split] = [x for im in imgs for x in _refcoco_items(r, im, n)]
+        rows["retrieval"][split] = [{"image": im.record.image_id, "caption": c} for im in imgs for c in im.captions]
+    for task in SUITE_TASKS:
+        entry = {"format": formats[task]}
+        for split in ("train", "eval"):
+            rel = f"tasks/{task}/{split}.jsonl"
+            _write_jsonl(out / rel, rows[task][split])
+            entry[split] = rel
+            entry[f"n_{split}"] = len(rows[task][split])
+        record["tasks"][task] = entry
+    return record

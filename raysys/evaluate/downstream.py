@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from raysys.checkpoints import load_payload
 from raysys.contract import ContractError, read_manifest, shard_files
 from raysys.pretrain.granularities import Corpus, Sample, assemble, read_image_parts
 from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint
@@ -104,7 +105,7 @@ def checkpoint_extra(checkpoint: str) -> dict[str, Any]:
     without building the model; {} for base."""
     if checkpoint == BASE:
         return {}
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    payload = load_payload(checkpoint)  # weights-only; a tampered file is one ContractError
     return json.loads(payload.get("extra", "{}") or "{}")
 
 

@@ -115,6 +115,7 @@ class FinetuneConfig:
     model_path: str = ""  # `base`: backbone folder ("" = packaged MiniLM)
     base_layers: int = 0  # `base`: keep the first N encoder layers (0 = all)
     log_every: int = 10
+    items: bool = False  # keep each eval item's own score in the result (`items`: ids, scores), for bootstraps
     mlflow: bool = True
     tracking_uri: str = ""
     experiment: str = "raysys"
@@ -270,6 +271,7 @@ def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlf
     train_s = time.perf_counter() - t_train
     p.model.eval()
     metrics = task.metric(p.model, p.eval, p.tokenizer, p.state, cfg.eval_batch_size, p.device)
+    items = metrics.pop("per_item", None)
     result: dict[str, Any] = {
         "task": task.name,
         "headline": task.headline,
@@ -287,6 +289,8 @@ def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlf
         "seconds": round(time.perf_counter() - t0, 2),
         **task.report(p.state),
     }
+    if cfg.items and items is not None:
+        result["items"] = items
     if log_to_mlflow if log_to_mlflow is not None else cfg.mlflow:
         params = {f"{task.name}.{k}": v for k, v in to_dict(hp).items()}
         params.update(task=task.name, checkpoint=str(checkpoint), train=",".join(run.train), eval=",".join(run.eval),
@@ -306,7 +310,7 @@ def _log_task(result: dict[str, Any], history: list[dict[str, float]], params: d
     uri = tracking_uri(cfg.tracking_uri, ck_extra)
     parent = parent_run_id(cfg.parent_run_id, ck_extra)
     task = result["task"]
-    metrics = numeric({k: v for k, v in result.items() if k not in ("mlflow", "steps")})
+    metrics = numeric({k: v for k, v in result.items() if k not in ("mlflow", "steps", "items")})
     info = log_mlflow(uri, metrics=metrics, params=params, parent=parent, experiment=cfg.experiment,
                       run_name=f"finetune-{task}", tags={"raysys.stage": "finetune", "raysys.task": task})  # fmt: skip
     client = MlflowClient(tracking_uri=uri)

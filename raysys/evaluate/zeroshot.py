@@ -55,15 +55,17 @@ from raysys.evaluate.downstream import (
     local_checkpoint,
     log_mlflow,
     numeric,
+    pair_batch,
     parent_run_id,
     pick_device,
     score_pairs,
     text_settings,
+    to_device,
     tokenize,
     tracking_uri,
 )
 from raysys.evaluate.metrics import TIE_POLICIES, TiePolicy, gold_ranks, rank_summary, roc_auc
-from raysys.pretrain.model import load_tokenizer
+from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, load_tokenizer
 from raysys.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class ZeroShotConfig:
     split: str = "eval"  # gold split to evaluate ("eval": demo world; "dev": Flickr8k import)
     max_images: int = 0  # 0 = every image of the split; N = a seeded sample of N images
     captions_per_image: int = 0  # 0 = all gold captions of each image
-    coarse: Literal["none", "tags"] = "none"  # tags: sentence-embedding pre-selection of candidates
+    coarse: Literal["none", "tags", "towers"] = "none"  # tags: sentence-embedding pre-selection; towers: two-tower cosine
     coarse_top_n: int = 20  # candidates per query kept by the coarse stage
     embed_model: str = ""  # sentence embedder of the coarse stage ("" = packaged MiniLM)
     batch_size: int = 128  # pairs per forward pass
@@ -102,11 +104,15 @@ class ZeroShotConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, the checkpoint's, or sqlite:///./mlflow.db
     experiment: str = "raysys"  # experiment of a new run when the checkpoint has no run
     parent_run_id: str = ""  # "" = the run recorded in the checkpoint
+    # coarse=towers (two-stage checkpoints): rank by the uni-modal towers' cosine
+    rerank_top_n: int = 0  # towers: re-rank each query's top N with the cross-modal ITM head (0 = cosine only)
+    base_uni_layers: int = -1  # towers: uni-modal layers of `base` (-1 = half the backbone's)
+    single_stream_sample: int = 0  # towers: also time ITM scoring of every pair of N images (the single-stream rate)
 
     def check(self) -> None:
         """The config loader checks the Literal fields; this also catches a config built in Python."""
-        if self.coarse not in ("none", "tags"):
-            raise ConfigError(f"zeroshot.coarse: {self.coarse!r} is not one of ['none', 'tags']")
+        if self.coarse not in ("none", "tags", "towers"):
+            raise ConfigError(f"zeroshot.coarse: {self.coarse!r} is not one of ['none', 'tags', 'towers']")
         if self.tie_policy not in TIE_POLICIES:
             raise ConfigError(f"zeroshot.tie_policy: {self.tie_policy!r} is not one of {list(TIE_POLICIES)}")
         if self.ray not in ("auto", "always", "never"):
@@ -356,6 +362,8 @@ def rank_metrics(itm: np.ndarray, cand: Candidates, es: EvalSet, cfg: ZeroShotCo
 
 def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig, log_to_mlflow: bool | None) -> dict[str, Any]:
     cfg.check()
+    if cfg.coarse == "towers":
+        return evaluate_towers(checkpoint, name, data, cfg, log_to_mlflow)
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -477,3 +485,163 @@ def demo_zeroshot_config() -> ZeroShotConfig:
     """The demo's evaluation set: a seeded sample of 50 eval images with their 250 captions, every
     pair scored (12,500 ITM forward passes: about two minutes per model on two CPU cores)."""
     return ZeroShotConfig(max_images=50)
+
+
+# ---------------------------------------------------------------- two-tower retrieval (coarse=towers)
+#
+# A two-stage checkpoint (`model.encoder: two_stage`: recipes `mvptr`, `muvla+vsc`) embeds every
+# image and every text once with its uni-modal towers; retrieval is then one (I × T) product of
+# unit vectors, O(I + T) encoder passes instead of the single-stream O(I · T). Optionally each
+# query's top `rerank_top_n` candidates are re-scored by the cross-modal ITM head (the rest keep
+# their cosine order), as `coarse=tags` does with its own coarse stage.
+
+
+def towers_model(checkpoint: str, root: Path, cfg: ZeroShotConfig):
+    """(two-stage model in eval mode, checkpoint extra). `base`: the backbone with fresh heads and
+    `base_uni_layers` uni-modal layers (its visual tower a copy of the backbone's first layers)."""
+    if checkpoint == BASE_NAME:
+        man = read_manifest(root)
+        mc = ModelConfig(model_path=cfg.model_path, num_layers=cfg.base_layers,
+                         feature_dim=int(man.get("feature_dim") or 2048),
+                         num_classes=max(1, len(man.get("tag_vocab") or [])),
+                         encoder="two_stage", uni_layers=cfg.base_uni_layers)  # fmt: skip
+        return build_model(mc, pretrained=True, seed=cfg.base_seed).eval(), {"recipe": BASE_NAME, "seed": cfg.base_seed}
+    model, extra = load_checkpoint(checkpoint)
+    if model.cfg.encoder != "two_stage":
+        raise ConfigError(f"zeroshot coarse=towers: {name_of(checkpoint)} has a single-stream encoder; towers need "
+                          "model.encoder=two_stage (recipes mvptr, muvla+vsc)")  # fmt: skip
+    return model.eval(), extra
+
+
+def name_of(checkpoint: str) -> str:
+    return Path(checkpoint).name if checkpoint != BASE_NAME else BASE_NAME
+
+
+def image_tag_ids(corpus, tokenizer, with_tags: bool) -> torch.Tensor | None:
+    """(I, G, L) sub-word ids of each image's distinct detector tags (the visual tower's tag
+    concepts, as the `mvptr` granularity builds them), IGNORE-padded; None without tags."""
+    if not with_tags:
+        return None
+    rows = []
+    for i in range(corpus.n_images):
+        sl = corpus.regions(i)
+        seen: dict[int, str] = {}
+        for c, t in zip(corpus.class_ids[sl].tolist(), corpus.tags[sl]):
+            if c >= 0:
+                seen.setdefault(c, t)
+        rows.append([tokenizer(t, add_special_tokens=False)["input_ids"] for t in seen.values()])
+    G = max((len(r) for r in rows), default=0)
+    L = max((len(x) for r in rows for x in r), default=1)
+    out = torch.full((len(rows), G, L), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        for j, x in enumerate(r):
+            out[i, j, : len(x)] = torch.tensor(x)
+    return out
+
+
+def embed_towers(model, corpus, tokenizer, tokens: list[np.ndarray], batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm tower embeddings: (images (I, H), texts (T, H)). Images carry their tag concepts
+    when the model was trained with them (MCR)."""
+    tags = image_tag_ids(corpus, tokenizer, "mcr" in model.cfg.objectives)
+    empty = np.zeros(0, np.int64)
+    img, txt = [], np.zeros((len(tokens), model.hidden_size), np.float32)
+    with torch.inference_mode():
+        for lo in range(0, corpus.n_images, batch_size):
+            idx = list(range(lo, min(lo + batch_size, corpus.n_images)))
+            batch = pair_batch(corpus, tokenizer, [empty] * len(idx), idx)
+            if tags is not None:
+                batch["vtag_ids"] = tags[idx]
+            img.append(model.image_embedding(to_device(batch, device)).cpu().numpy())
+        order = np.argsort([len(t) for t in tokens], kind="stable")
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = pair_batch(corpus, tokenizer, [tokens[int(i)] for i in idx], [None] * len(idx))
+            txt[idx] = model.text_embedding(to_device(batch, device)).cpu().numpy()
+    images = np.concatenate(img) if img else np.zeros((0, model.hidden_size), np.float32)
+    return images, txt
+
+
+def tower_candidates(sim: np.ndarray, es: EvalSet, cfg: ZeroShotConfig) -> Candidates:
+    """Every pair ranked by cosine; with `rerank_top_n`, the ITM-scored candidates: each query's
+    top N, the gold pairs and one shuffled pair per text (the AUC's)."""
+    n_img, T = sim.shape
+    gold = np.zeros((n_img, T), bool)
+    gold[es.text_image, np.arange(T)] = True
+    rng = np.random.default_rng([cfg.seed, 0x5F])
+    neg_img = (es.text_image + rng.integers(1, n_img, size=T)) % n_img if n_img > 1 else es.text_image.copy()
+    if not cfg.rerank_top_n:
+        every = np.ones((n_img, T), bool)
+        return Candidates(gold, None, every, every, neg_img, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    i2t = _top_n_mask(sim, cfg.rerank_top_n, axis=1)
+    t2i = _top_n_mask(sim, cfg.rerank_top_n, axis=0)
+    need = i2t | t2i
+    need[es.text_image, np.arange(T)] = True
+    need[neg_img, np.arange(T)] = True
+    pair_img, pair_txt = np.nonzero(need)
+    return Candidates(gold, sim, i2t, t2i, neg_img, pair_img, pair_txt)
+
+
+def single_stream_rate(model, corpus, tokenizer, tokens, es: EvalSet, n_images: int, cfg: ZeroShotConfig, device) -> dict[str, Any]:
+    """Pairs/s of scoring every (image, text) pair of the first `n_images` images and their texts
+    through the cross-modal model, in this run: the rate towers are compared with."""
+    n = min(n_images, len(es.image_ids))
+    txt = np.flatnonzero(es.text_image < n)
+    pair_img = np.repeat(np.arange(n), len(txt))
+    pair_txt = np.tile(txt, n)
+    t = time.perf_counter()
+    score_pairs(model, corpus, tokenizer, tokens, pair_img, pair_txt, cfg.batch_size, device)
+    s = time.perf_counter() - t
+    return {"single_stream_sample": f"{n} images x {len(txt)} texts", "single_stream_pairs_per_s": round(len(pair_img) / s, 1)}
+
+
+def evaluate_towers(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
+                    log_to_mlflow: bool | None) -> dict[str, Any]:  # fmt: skip
+    """`coarse=towers`: rank by the towers' cosine (optionally ITM re-ranked); the same metrics and
+    keys as the single-stream evaluation, plus `towers_seconds` and `towers_pairs_per_s` (pairs
+    ranked per second of embedding: I·T / time)."""
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    root = Path(data)
+    es = eval_set(root, cfg)
+    model, extra = towers_model(checkpoint, root, cfg)
+    max_text_len, max_regions = text_settings(extra, cfg.max_text_len, cfg.max_regions)
+    corpus = load_images(root, es.image_ids, max_regions)
+    check_feature_dim(corpus, model, root / "images")
+    tokenizer = load_tokenizer(model.cfg.model_path)
+    tokens = tokenize(tokenizer, es.texts, max_text_len)
+    device = pick_device(cfg.device)
+    model.to(device)
+    t = time.perf_counter()
+    img, txt = embed_towers(model, corpus, tokenizer, tokens, cfg.batch_size, device)
+    sim = img @ txt.T
+    towers_s = time.perf_counter() - t
+    cand = tower_candidates(sim, es, cfg)
+    itm = sim.astype(np.float64)
+    if cfg.rerank_top_n:
+        itm = np.full(sim.shape, np.nan, np.float64)
+        itm[cand.pair_img, cand.pair_txt] = score_pairs(model, corpus, tokenizer, tokens, cand.pair_img, cand.pair_txt,
+                                                        cfg.batch_size, device)  # fmt: skip
+    n_img, T = sim.shape
+    result = rank_metrics(itm, cand, es, cfg)
+    result.update(
+        n_images=n_img, n_texts=T, n_pairs_scored=int(len(cand.pair_img)), n_pairs_full=n_img * T,
+        coarse="towers", coarse_used=True, coarse_top_n=cfg.rerank_top_n or None, rerank_top_n=cfg.rerank_top_n,
+        encoder=model.cfg.encoder, uni_layers=model.cfg.uni_layers,
+        split=cfg.split, tie_policy=cfg.tie_policy, checkpoint=name,
+        model=BASE_NAME if checkpoint == BASE_NAME else str(extra.get("recipe") or "checkpoint"),
+        chance_t2i_r5=round(100.0 * min(5, n_img) / n_img, 3), workers=0, ray=False, device=str(device),
+        towers_seconds=round(towers_s, 3), towers_pairs_per_s=round(n_img * T / towers_s, 1) if towers_s > 0 else None,
+    )  # fmt: skip
+    result["pairs_per_s"] = result["towers_pairs_per_s"]
+    if cfg.single_stream_sample:
+        result.update(single_stream_rate(model, corpus, tokenizer, tokens, es, cfg.single_stream_sample, cfg, device))
+        if result["towers_pairs_per_s"]:
+            result["towers_speedup"] = round(result["towers_pairs_per_s"] / result["single_stream_pairs_per_s"], 1)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    for k, v in list(result.items()):
+        if isinstance(v, float) and k.endswith(("_r1", "_r5", "_r10", "_rank", "auc", "r_mean")):
+            result[k] = round(v, 4)
+    if log_to_mlflow if log_to_mlflow is not None else cfg.mlflow:
+        result["mlflow"] = log_zeroshot(result, extra, cfg, prefix="zeroshot.", local_path=checkpoint)
+    return result

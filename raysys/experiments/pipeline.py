@@ -19,6 +19,7 @@ from typing import Any
 from raysys import tracking
 from raysys.config import ConfigError
 from raysys.contract import MANIFEST, read_manifest, validate_dataset, write_text_atomic
+from raysys.corpus.assemble import AssembleConfig, assemble
 from raysys.corpus.phrases import PhrasesConfig, extract_phrases
 from raysys.corpus.retrieval import RetrievalConfig, retrieve
 from raysys.data.world import WorldConfig, write_world
@@ -77,9 +78,11 @@ def stage_retrieval(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> 
 
 
 def stage_phrases(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:
-    """Noun phrases of the retrieved sentences linked to regions → data/phrases."""
+    """Noun phrases of the retrieved sentences linked to regions → data/phrases; then the training
+    examples pre-training streams (`raysys assemble`) → data/examples."""
     ensure_ray()
     summary["phrases"] = extract_phrases(out / "data", cfg.phrases)
+    summary["phrases"]["assemble"] = assemble(out / "data", AssembleConfig(seed=cfg.pretrain.seed, exclude_eval=cfg.pretrain.exclude_eval))
 
 
 def stage_pretrain(cfg: PipelineConfig, out: Path, summary: dict[str, Any]) -> None:

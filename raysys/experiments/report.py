@@ -4,13 +4,25 @@ The report is rebuilt from MLflow alone (not from Tune's files), so it works for
 trial runs carry the tags the sweep sets:
 
 - `raysys.axis`: the ablation axis the trial belongs to (`K`, `m`, `granularities`, `w_itm`,
-  `recipe`, `paired_ratio`, or `grid` for a full grid),
+  `recipe`, `mixing`, `paired_ratio`, or `grid` for a full grid),
 - `raysys.variant`: the value on that axis, as text,
-- `raysys.seed`: the trial's seed (tables average over it: mean ± std).
+- `raysys.seed`: the trial's seed (tables average over it: mean ± std; one seed prints no ±).
 
-One table per axis, in the shape of the paper's Tables 2 (granularities), 3/5 (baselines), 4
-(w_ITM) and 6 (paired ratio); plots of the metric against K (paper Fig. 3) and against the paired
-ratio (paper Fig. 1); and retrieval examples from the sweep's parent run artifact.
+The headline is the fine-tuned downstream suite (`ft.meta_average`, `ft.<task>.<metric>`), as in
+the paper; zero-shot retrieval (`zeroshot.*`, or the bare names of older sweeps) is an extra
+column, empty for recipes that do not train the ITM head. Honesty rules:
+
+- **Differences from `base`** (the `recipe` axis's `base` rows) come with a 95 % paired bootstrap
+  interval over evaluation items: every trial scored the same items (the suite's
+  `suite_items.json` artifact), so each item's score difference is resampled, task by task, and
+  the meta-average of the resampled task means is taken.
+- **Bold** marks a table's best row only when the interval of its difference from the next best
+  row excludes 0; a column without per-item scores (zero-shot) is never bold.
+- **Plots** draw the chance level and name the evaluation size, the fine-tuning steps and the
+  number of seeds.
+- **Directions**: for each direction the paper reports, whether this run reproduces it
+  (`reproduced` when the interval excludes 0 in the paper's direction, `reversed` when it excludes
+  0 the other way, `inconclusive` otherwise, `not run` when a row is missing).
 """
 
 from __future__ import annotations
@@ -24,19 +36,35 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
+
+from raysys.evaluate.metrics import META_TASKS
 
 AXIS_TITLES = {
-    "K": "Retrieved sentences per image K (paper Fig. 3)",
-    "m": "Curriculum warm-up epochs m (paper §3.4)",
+    "recipe": "Baselines (paper Tables 1, 3)",
     "granularities": "Pre-training granularities (paper Table 2)",
     "w_itm": "Weighted ITM (paper Table 4)",
-    "recipe": "Baselines (paper Tables 1, 3, 5)",
+    "mixing": "Round-robin vs joint batches (paper Table 5)",
     "paired_ratio": "Paired ratio r of true pairs (paper Table 6, Fig. 1)",
+    "K": "Retrieved sentences per image K (paper Fig. 3)",
+    "m": "Curriculum warm-up epochs m (paper §3.4)",
     "grid": "Full grid",
 }
-METRICS = [("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"), ("t2i_r10", "T→I R@10"),
-           ("i2t_r1", "I→T R@1"), ("i2t_r5", "I→T R@5"), ("i2t_r10", "I→T R@10"), ("itm_auc", "ITM AUC")]  # fmt: skip
-PLOT_METRICS = [("t2i_r5", "text→image R@5"), ("i2t_r5", "image→text R@5")]
+META = "ft.meta_average"
+FT_METRICS = [(META, "Meta-Ave"), ("ft.vqa.vqa_accuracy", "VQA"), ("ft.nlvr2.accuracy", "NLVR2"),
+              ("ft.ve.accuracy", "VE"), ("ft.refcoco.accuracy", "RefCOCO+"), ("ft.retrieval.r_mean", "Retr. R-mean")]  # fmt: skip
+ZS_METRICS = [("zeroshot.t2i_r5", "ZS T→I R@5"), ("zeroshot.i2t_r5", "ZS I→T R@5"), ("zeroshot.itm_auc", "ZS ITM AUC"),
+              ("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"), ("t2i_r10", "T→I R@10"), ("i2t_r1", "I→T R@1"),
+              ("i2t_r5", "I→T R@5"), ("i2t_r10", "I→T R@10"), ("itm_auc", "ITM AUC")]  # fmt: skip
+METRICS = FT_METRICS + ZS_METRICS
+#: metric → the suite task whose items it averages (None: the meta-average over META_TASKS)
+ITEM_TASK: dict[str, str | None] = {META: None, **{k: k.split(".")[1] for k, _ in FT_METRICS[1:]}}
+#: scored by guessing (percent): NLVR2 2-way, VE 3-way, VQA open-ended, RefCOCO+ one of the world's
+#: 7.5 regions on average (3-12 uniform); retrieval depends on the eval size (not drawn)
+CHANCE = {"ft.vqa.vqa_accuracy": 0.0, "ft.nlvr2.accuracy": 50.0, "ft.ve.accuracy": 100 / 3,
+          "ft.refcoco.accuracy": 100 / 7.5}  # fmt: skip
+CHANCE[META] = float(np.mean([CHANCE[k] for k, _ in FT_METRICS[1:5]]))
+BOOTSTRAP = 2000
 
 
 def _num(v: str) -> float | None:
@@ -57,8 +85,21 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+# ---------------------------------------------------------------- reading MLflow
+
+
+def _items(client, run_id: str) -> dict[str, Any] | None:
+    """The trial's `suite_items.json` artifact (each eval item's score per task), or None."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(Path(client.download_artifacts(run_id, "suite_items.json", d)).read_text())
+    except Exception:  # noqa: BLE001 - a trial without items (zero-shot sweep, older sweep) has no intervals
+        return None
+
+
 def load_runs(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], Any]:
-    """Finished trial runs of the experiment as plain dicts, and the sweep's parent run (or None)."""
+    """Finished trial runs of the experiment as plain dicts (with their per-item suite scores),
+    and the sweep's parent run (or None)."""
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -72,12 +113,71 @@ def load_runs(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]],
         if "raysys.axis" not in tags or r.info.status != "FINISHED":
             continue
         runs.append({"axis": tags["raysys.axis"], "variant": tags.get("raysys.variant", ""),
-                     "seed": tags.get("raysys.seed", ""), "metrics": dict(r.data.metrics), "run_id": r.info.run_id})  # fmt: skip
+                     "seed": tags.get("raysys.seed", ""), "metrics": dict(r.data.metrics), "run_id": r.info.run_id,
+                     "params": dict(r.data.params), "zeroshot_skipped": tags.get("zeroshot.skipped_reason", ""),
+                     "items": _items(client, r.info.run_id)})  # fmt: skip
     return runs, (client, parent)
 
 
+# ---------------------------------------------------------------- per-item statistics
+
+
+def item_scores(group: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """task → item id → score, averaged over the group's seeds (None when a run has no items)."""
+    if not group or any(not g.get("items") for g in group):
+        return None
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for g in group:
+        for task, it in g["items"]["items"].items():
+            for i, s in zip(it["ids"], it["scores"]):
+                acc[task][i].append(float(s))
+    return {t: {i: float(np.mean(v)) for i, v in d.items()} for t, d in acc.items()}
+
+
+def paired_bootstrap(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]], tasks: list[str],
+                     n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float, float] | None:  # fmt: skip
+    """(mean of a − b, 2.5 %, 97.5 %): the mean over `tasks` of each task's mean item difference,
+    items resampled with replacement within each task. Only items both score are compared."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for t in tasks:
+        common = sorted(set(a.get(t, {})) & set(b.get(t, {})))
+        if not common:
+            continue
+        diffs.append(np.array([a[t][i] - b[t][i] for i in common]))
+    if not diffs:
+        return None
+    point = float(np.mean([d.mean() for d in diffs]))
+    boot = np.mean([d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1) for d in diffs], axis=0)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def metric_tasks(key: str, items: dict[str, dict[str, float]]) -> list[str]:
+    task = ITEM_TASK.get(key, "")
+    if task is None:
+        return [t for t in META_TASKS if t in items]
+    return [task] if task in items else []
+
+
+def verdict(ci: tuple[float, float, float] | None, strict: bool = True) -> str:
+    """`reproduced` when the interval excludes 0 in the paper's direction (for ≥: the point is
+    ≥ 0 and the interval does not exclude 0 the other way), `reversed`, or `inconclusive`."""
+    if ci is None:
+        return "not run"
+    point, lo, hi = ci
+    if lo > 0 or (not strict and point >= 0 and hi >= 0):
+        return "reproduced"
+    if hi < 0:
+        return "reversed"
+    return "inconclusive"
+
+
+# ---------------------------------------------------------------- tables
+
+
 def tables(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """axis -> rows (variant, n seeds, {metric: (mean, std)}), variants in natural order."""
+    """axis -> rows (variant, n seeds, {metric: (mean, std)}, per-item scores), variants in natural order."""
     by: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         by[r["axis"]][r["variant"]].append(r)
@@ -88,88 +188,211 @@ def tables(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
             group = by[axis][variant]
             stats = {}
             for key, _ in METRICS:
-                xs = [g["metrics"][key] for g in group if key in g["metrics"]]
+                xs = [g["metrics"][key] for g in group if key in g["metrics"] and math.isfinite(g["metrics"][key])]
                 if xs:
                     stats[key] = mean_std(xs)
-            rows.append({"variant": variant, "n": len(group), "stats": stats})
+            skipped = sorted({g["zeroshot_skipped"] for g in group if g.get("zeroshot_skipped")})
+            rows.append({"variant": variant, "n": len(group), "stats": stats, "items": item_scores(group),
+                         "zeroshot_skipped": skipped})  # fmt: skip
         out[axis] = rows
     return out
 
 
-def _cell(key: str, stat: tuple[float, float] | None, best: bool) -> str:
+def best_row(rows: list[dict[str, Any]], key: str) -> int | None:
+    """Index of the row to bold in column `key`: the best mean, only when the paired bootstrap
+    interval of its difference from the next best row excludes 0."""
+    ranked = sorted((i for i, r in enumerate(rows) if key in r["stats"]), key=lambda i: -rows[i]["stats"][key][0])
+    if len(ranked) < 2:
+        return None
+    a, b = rows[ranked[0]], rows[ranked[1]]
+    if not a["items"] or not b["items"]:
+        return None
+    ci = paired_bootstrap(a["items"], b["items"], metric_tasks(key, a["items"]))
+    return ranked[0] if ci is not None and ci[1] > 0 else None
+
+
+def _fmt(key: str, stat: tuple[float, float], n: int) -> str:
+    digits = 3 if key.endswith("auc") else 1
+    return f"{stat[0]:.{digits}f}" + (f" ± {stat[1]:.{digits}f}" if n > 1 else "")
+
+
+def _cell(key: str, row: dict[str, Any], bold: bool) -> str:
+    stat = row["stats"].get(key)
     if stat is None:
+        return "null" if key.startswith("zeroshot.") and row.get("zeroshot_skipped") else "–"
+    s = _fmt(key, stat, row["n"])
+    return f"**{s}**" if bold else s
+
+
+def _diff_cell(row: dict[str, Any], base: dict[str, Any] | None) -> str:
+    if base is None or not row["items"] or not base["items"] or row is base:
         return "–"
-    s = f"{stat[0]:.3f} ± {stat[1]:.3f}" if key == "itm_auc" else f"{stat[0]:.1f} ± {stat[1]:.1f}"
-    return f"**{s}**" if best else s
+    ci = paired_bootstrap(row["items"], base["items"], metric_tasks(META, row["items"]))
+    return "–" if ci is None else f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
+    """Mean ± std over seeds per column; `Δ vs base` = the meta-average difference from `base` with
+    its 95 % bootstrap interval over items; a bold cell is a best that the next best cannot tie."""
     keys = [k for k, _ in METRICS if any(k in r["stats"] for r in rows)]
-    best = {k: max((r["stats"][k][0] for r in rows if k in r["stats"]), default=None) for k in keys}
-    head = "| variant | seeds | " + " | ".join(dict(METRICS)[k] for k in keys) + " |"
-    sep = "|---|---:|" + "---:|" * len(keys)
-    lines = [head, sep]
-    for r in rows:
-        cells = [_cell(k, r["stats"].get(k), len(rows) > 1 and r["stats"].get(k, (None,))[0] == best[k]) for k in keys]
+    if any(k.startswith("zeroshot.") for k in keys) or any(r.get("zeroshot_skipped") for r in rows):
+        keys += [k for k, _ in ZS_METRICS[:3] if k not in keys]
+        keys = [k for k, _ in METRICS if k in keys]
+    bold = {k: best_row(rows, k) for k in keys}
+    with_diff = base is not None and META in keys
+    head = "| variant | seeds | " + " | ".join(dict(METRICS)[k] for k in keys) + (" | Δ Meta-Ave vs base [95 % CI] |" if with_diff else " |")
+    lines = [head, "|---|---:|" + "---:|" * (len(keys) + with_diff)]
+    for i, r in enumerate(rows):
+        cells = [_cell(k, r, bold[k] == i) for k in keys] + ([_diff_cell(r, base)] if with_diff else [])
         lines.append(f"| {r['variant']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path) -> bool:
-    """Metric vs a numeric axis with ±1 std error bars over seeds. False if the axis is not numeric."""
-    pts = [(float(r["variant"]), r) for r in rows if _num(r["variant"]) is not None]
-    if len(pts) < 2:
-        return False
+# ---------------------------------------------------------------- the paper's directions
+
+
+def _row(tabs: dict[str, list[dict[str, Any]]], axis: str, variant: str) -> dict[str, Any] | None:
+    return next((r for r in tabs.get(axis, []) if r["variant"] == variant), None)
+
+
+def compare(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """Meta-average difference a − b with its paired bootstrap interval (None when a row or its items are missing)."""
+    if a is None or b is None or not a["items"] or not b["items"]:
+        return None
+    return paired_bootstrap(a["items"], b["items"], metric_tasks(META, a["items"]))
+
+
+def _ci_text(ci: tuple[float, float, float] | None) -> str:
+    return "–" if ci is None else f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]"
+
+
+def _all(verdicts: list[str]) -> str:
+    if not verdicts or "not run" in verdicts:
+        return "not run"
+    if "reversed" in verdicts:
+        return "reversed"
+    return "reproduced" if all(v == "reproduced" for v in verdicts) else "inconclusive"
+
+
+def _pairs(tabs, checks: list[tuple[str, str, str, bool]]) -> tuple[str, str]:
+    """Each (axis, a, b, strict): a > b (strict) or a ≥ b; all must hold."""
+    verdicts, texts = [], []
+    for axis, a, b, strict in checks:
+        ci = compare(_row(tabs, axis, a), _row(tabs, axis, b))
+        verdicts.append(verdict(ci, strict))
+        texts.append(f"{a} − {b}: {_ci_text(ci)}")
+    return _all(verdicts), "; ".join(texts)
+
+
+def _monotonic(tabs) -> tuple[str, str]:
+    rows = [r for r in tabs.get("paired_ratio", []) if META in r["stats"] and _num(r["variant"]) is not None]
+    if len(rows) < 2:
+        return "not run", "–"
+    rows.sort(key=lambda r: _num(r["variant"]))
+    means = [r["stats"][META][0] for r in rows]
+    ci = compare(rows[-1], rows[0])
+    ends = verdict(ci)
+    mono = all(b >= a for a, b in zip(means, means[1:]))
+    text = "means " + " → ".join(f"{m:.1f}" for m in means) + f"; r={rows[-1]['variant']} − r={rows[0]['variant']}: {_ci_text(ci)}"
+    if ends == "reproduced" and not mono:
+        return "partly (endpoints only, not monotonic)", text
+    return ends, text
+
+
+def directions(tabs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str]]:
+    """(direction, verdict, evidence) for each direction the paper reports, on the meta-average."""
+    gran = [("granularities", "R-T+R-P+I-S", g, False) for g in ("R-T", "R-P", "I-S")]
+    return [
+        ("retrieved pairs > random pairs (Table 3)", *_pairs(tabs, [("recipe", "muvla", "random_pairs", True)])),
+        ("all three granularities ≥ each alone (Table 2)", *_pairs(tabs, gran)),
+        ("K = 5 > K = 1 (Fig. 3)", *_pairs(tabs, [("K", "5", "1", True)])),
+        ("w_ITM helps (Table 4)", *_pairs(tabs, [("w_itm", "with w_ITM", "without w_ITM", True)])),
+        ("paired ratio monotonic (Table 6, Fig. 1)", *_monotonic(tabs)),
+        ("μ-VLA > U-VisualBERT > Base (Table 1)", *_pairs(tabs, [("recipe", "muvla", "round_robin", True),
+                                                                 ("recipe", "round_robin", "base", True)])),  # fmt: skip
+    ]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _plot_metrics(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    if any(META in r["stats"] for r in rows):
+        return [(META, "fine-tuned meta-average")]
+    legacy = [("zeroshot.t2i_r5", "text→image R@5"), ("zeroshot.i2t_r5", "image→text R@5"),
+              ("t2i_r5", "text→image R@5"), ("i2t_r5", "image→text R@5")]  # fmt: skip
+    return [(k, lab) for k, lab in legacy if any(k in r["stats"] for r in rows)]
+
+
+def plot_caption(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    """Evaluation size, fine-tuning steps and seeds, for the plot title."""
+    n_items = next((sum(len(r["items"].get(t, {})) for t in META_TASKS) for r in rows if r["items"]), 0)
+    steps = next((g["items"]["budget"].get("steps") for g in runs if g.get("items")), None)
+    steps = steps or next((g["params"].get("suite/steps") for g in runs if g.get("params", {}).get("suite/steps")), "?")
+    seeds = max((r["n"] for r in rows), default=0)
+    return f"eval {n_items} items · {steps} fine-tuning steps/task · {seeds} seed{'s' if seeds != 1 else ''}"
+
+
+def _figure(width: float):
     import matplotlib  # lazy: choosing a backend is process-wide; done only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for key, label in PLOT_METRICS:
-        xs = [x for x, r in pts if key in r["stats"]]
-        if not xs:
-            continue
-        ms = [r["stats"][key][0] for _, r in pts if key in r["stats"]]
-        sds = [r["stats"][key][1] for _, r in pts if key in r["stats"]]
-        ax.errorbar(xs, ms, yerr=sds, marker="o", capsize=4, linewidth=2, label=label)
-    ax.set_xlabel(xlabel, fontsize=11)
-    ax.set_ylabel("zero-shot recall@5 (%)", fontsize=11)
-    ax.set_title(AXIS_TITLES.get(axis, axis), fontsize=11)
-    ax.set_xticks([x for x, _ in pts])
+    return plt, *plt.subplots(figsize=(width, 4.4), dpi=120)
+
+
+def _finish(plt, fig, ax, axis: str, caption: str, ylabel: str, keys: list[str], path: Path) -> None:
+    for key in keys:
+        if key in CHANCE:
+            ax.axhline(CHANCE[key], color="gray", linestyle="--", linewidth=1.2, label=f"chance ({CHANCE[key]:.1f})")
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.set_title(f"{AXIS_TITLES.get(axis, axis)}\n{caption}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=10)
-    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path, caption: str = "") -> bool:
+    """Metric vs a numeric axis with ±1 std error bars over seeds. False if the axis is not numeric."""
+    pts = [(float(r["variant"]), r) for r in rows if _num(r["variant"]) is not None]
+    metrics = _plot_metrics(rows)
+    if len(pts) < 2 or not metrics:
+        return False
+    plt, fig, ax = _figure(6.4)
+    for key, label in metrics:
+        sel = [(x, r["stats"][key]) for x, r in pts if key in r["stats"]]
+        ax.errorbar([x for x, _ in sel], [s[0] for _, s in sel], yerr=[s[1] for _, s in sel],
+                    marker="o", capsize=4, linewidth=2, label=label)  # fmt: skip
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_xticks([x for x, _ in pts])
+    ax.set_ylim(bottom=0)
+    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path)
     return True
 
 
-def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
-    """A categorical axis (granularities, baselines) as grouped bars with ±1 std."""
-    import matplotlib  # lazy: choosing a backend is process-wide; done only when a plot is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
-
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.3 * len(rows) + 2), 4.2), dpi=120)
-    width = 0.38
-    for j, (key, label) in enumerate(PLOT_METRICS):
-        xs = [i + (j - 0.5) * width for i in range(len(rows))]
+def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path, caption: str = "") -> bool:
+    """A categorical axis (granularities, baselines) as bars with ±1 std."""
+    metrics = _plot_metrics(rows)
+    if len(rows) < 2 or not metrics:
+        return False
+    plt, fig, ax = _figure(max(6.4, 1.3 * len(rows) + 2))
+    width = 0.8 / len(metrics)
+    for j, (key, label) in enumerate(metrics):
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
         ms = [r["stats"].get(key, (0.0, 0.0))[0] for r in rows]
         sds = [r["stats"].get(key, (0.0, 0.0))[1] for r in rows]
         ax.bar(xs, ms, width, yerr=sds, capsize=3, label=label)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["variant"] for r in rows], rotation=15, ha="right", fontsize=9)
-    ax.set_ylabel("zero-shot recall@5 (%)", fontsize=11)
     ax.set_xlabel(axis, fontsize=11)
-    ax.set_title(AXIS_TITLES.get(axis, axis), fontsize=11)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path)
+    return True
+
+
+# ---------------------------------------------------------------- the report
 
 
 def _examples(client_parent) -> list[dict[str, Any]]:
@@ -184,6 +407,23 @@ def _examples(client_parent) -> list[dict[str, Any]]:
         return []
 
 
+XLABELS = {"K": "K (retrieved sentences per image)", "paired_ratio": "paired ratio r (fraction of true pairs)",
+           "m": "m (warm-up epochs before w_ITM)"}  # fmt: skip
+
+
+def _intro(experiment: str, tracking_uri: str, runs: list[dict[str, Any]]) -> list[str]:
+    ft = any(META in r["metrics"] for r in runs)
+    what = ("Each trial was fine-tuned on the downstream suite with one budget and scored on the same evaluation "
+            "items; `Meta-Ave` is the paper's meta-average (VQA, NLVR2, VE, RefCOCO+), task columns are percent. "
+            "Zero-shot (ZS) columns are `null` for recipes that do not train the ITM head."
+            if ft else "Metrics are zero-shot image↔text retrieval on the held-out gold pairs.")  # fmt: skip
+    return [f"# Ablation report: {experiment}", "",
+            f"{len(runs)} finished trial runs from `{tracking_uri}`. {what} Cells are mean ± std over seeds (one seed: "
+            "no ±). `Δ vs base` is the meta-average difference from the `base` recipe with a 95 % paired bootstrap "
+            f"interval over evaluation items ({BOOTSTRAP} resamples). A cell is bold only when the interval of its "
+            "difference from the next best row excludes 0.", ""]  # fmt: skip
+
+
 def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,27 +431,28 @@ def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> 
     if not runs:
         raise ValueError(f"{tracking_uri}: experiment {experiment!r} has no finished trial runs tagged raysys.axis")
     tabs = tables(runs)
-    md = [f"# Ablation report: {experiment}", "",
-          f"{len(runs)} finished trial runs from `{tracking_uri}`. Metrics are zero-shot image↔text retrieval "
-          "on the held-out gold pairs (recall in %, ITM ROC-AUC in [0, 1]); each cell is mean ± std over seeds; "
-          "the best mean per column is bold.", ""]  # fmt: skip
+    base = _row(tabs, "recipe", "base")
+    md = _intro(experiment, tracking_uri, runs)
     plots = []
     for axis, rows in tabs.items():
-        md += [f"## {AXIS_TITLES.get(axis, axis)}", "", markdown_table(rows), ""]
+        md += [f"## {AXIS_TITLES.get(axis, axis)}", "", markdown_table(rows, base), ""]
         png = out / f"{axis}.png"
-        xlabel = {"K": "K (retrieved sentences per image)", "paired_ratio": "paired ratio r (fraction of true pairs)",
-                  "m": "m (warm-up epochs before w_ITM)"}.get(axis, axis)  # fmt: skip
-        if plot_axis(rows, axis, xlabel, png) or (len(rows) > 1 and plot_bars(rows, axis, png) is None):
+        caption = plot_caption(rows, [g for g in runs if g["axis"] == axis])
+        if plot_axis(rows, axis, XLABELS.get(axis, axis), png, caption) or plot_bars(rows, axis, png, caption):
             plots.append(png.name)
             md += [f"![{axis}]({png.name})", ""]
+    dirs = directions(tabs)
+    md += ["## Directions of the paper: does this run reproduce them?", "",
+           "| direction | verdict | evidence (meta-average difference [95 % CI]) |", "|---|---|---|"]  # fmt: skip
+    md += [f"| {d} | {v} | {e} |" for d, v, e in dirs] + [""]
     examples = _examples(cp)
     if examples:
         md += ["## Retrieval examples", ""]
         for ex in examples[:5]:
             md.append(f"- **{ex.get('image_id')}** — tags: {', '.join(ex.get('tags', []))}")
             for s in ex.get("retrieved", [])[:3]:
-                text = s.get("text") if isinstance(s, dict) else s
-                md.append(f"  - {text}")
+                md.append(f"  - {s.get('text') if isinstance(s, dict) else s}")
         md.append("")
     (out / "report.md").write_text("\n".join(md))
-    return {"report": str(out / "report.md"), "plots": plots, "axes": list(tabs), "runs": len(runs)}
+    return {"report": str(out / "report.md"), "plots": plots, "axes": list(tabs), "runs": len(runs),
+            "directions": {d: v for d, v, _ in dirs}}  # fmt: skip

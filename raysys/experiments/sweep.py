@@ -11,8 +11,15 @@ Shape of a sweep (`configs/demo_sweep.yaml`):
    seeds. Identical configurations that several axes share are trained once per axis, so that each
    table of the report is complete by itself.
 3. Each trial is a Tune *function* trial that builds the pre-training `TorchTrainer` (Train V2
-   pattern: `TuneReportCallback` in the trainer's `RunConfig`), pre-trains, runs the zero-shot
-   evaluation on the checkpoint and reports its metrics to Tune.
+   pattern: `TuneReportCallback` in the trainer's `RunConfig`), pre-trains, then fine-tunes the
+   checkpoint on the dataset's downstream suite (`raysys.evaluate.suite`: the same `SuiteConfig`
+   budget and the same evaluation items for every trial) and reports `ft.meta_average` (the trial
+   metric: the paper ranks recipes by fine-tuned scores), `ft.<task>.<metric>` and, for recipes
+   that train the ITM head, the zero-shot retrieval metrics `zeroshot.*` (others: the tag
+   `zeroshot.skipped_reason`, their ITM head is untrained so they would score at chance). Each
+   eval item's score is logged as the trial's `suite_items.json` artifact, from which `raysys
+   report` bootstraps differences. `metric: zeroshot.t2i_r5` with `finetune: false` is the old,
+   zero-shot-only sweep.
 4. `MLflowLoggerCallback` (subclassed to tag each run with its ablation axis, variant and seed, to
    nest it under the sweep's parent run, and to record the checkpoint) logs every trial.
 5. Re-running the same command resumes: `Tuner.restore` continues unfinished trials and never
@@ -27,6 +34,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,10 +48,12 @@ from raysys import config as rconfig
 from raysys import tracking
 from raysys.config import ConfigError
 from raysys.contract import MANIFEST, read_manifest
+from raysys.evaluate.suite import SuiteConfig, downstream, items_doc, run_suite
 from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
 from raysys.experiments.pipeline import PipelineConfig, check_k, run_pipeline
 from raysys.pretrain.config import TrainConfig
 from raysys.pretrain.ray_train import ensure_ray, fit
+from raysys.pretrain.recipes import resolve
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,7 @@ AXES = {
     "w_itm": lambda v: {"w_itm": bool(v)},
     "recipe": lambda v: {"recipe": str(v)},
     "paired_ratio": lambda v: {"recipe": "paired_ratio", "paired_ratio": float(v)},
+    "mixing": lambda v: {"recipe": "muvla", "mixing": str(v)},  # Table 5: round-robin vs joint batches
 }
 GRAN_NAMES = {"rt": "R-T", "rp": "R-P", "is": "I-S"}
 
@@ -81,15 +92,39 @@ class SweepConfig:
     num_samples: int = 0
     scheduler: Literal["none", "asha"] = "none"  # none | asha (early-stops trials on the training loss)
     asha_grace_period: int = 2  # reports before ASHA may stop a trial
-    metric: str = "t2i_r5"  # what `best` means
+    metric: str = "ft.meta_average"  # what `best` means: ft.<…> (fine-tuned suite) or zeroshot.<…> (bare t2i_r5 = zeroshot.t2i_r5)
+    finetune: bool = True  # run the downstream suite on every trial (its budget: `suite`)
+    zeroshot_metrics: bool = True  # zero-shot ITM retrieval too, for recipes that train the ITM head
     max_concurrent_trials: int = 0  # 0 = derived from the cluster's CPUs/GPUs and the trial's workers
     data: str = ""  # an existing dataset dir; "" = build the demo world from `pipeline.world`
     pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineConfig sections for the data stages
     pretrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by all trials
     zeroshot: dict[str, Any] = field(default_factory=dict)  # ZeroShotConfig fields
+    suite: dict[str, Any] = field(default_factory=dict)  # SuiteConfig fields: the one fine-tuning budget of every trial
 
     def __post_init__(self) -> None:
         check_sweep_k(self)
+        if metric_key(self).startswith("ft.") and not self.finetune:
+            raise ConfigError(f"metric: {self.metric!r} needs finetune=true (or pick a zeroshot.* metric)")
+        if metric_key(self).startswith("zeroshot.") and not self.zeroshot_metrics:
+            raise ConfigError(f"metric: {self.metric!r} needs zeroshot_metrics=true")
+
+
+def metric_key(cfg: SweepConfig) -> str:
+    """The trial metric's name as trials report it: a bare zero-shot name (`t2i_r5`, what sweeps
+    used before the suite) means `zeroshot.t2i_r5`."""
+    m = cfg.metric
+    return m if m.startswith(("ft.", "zeroshot.")) or m in ("final_loss", "pretrain_steps") else f"zeroshot.{m}"
+
+
+def trains_itm(tcfg: TrainConfig) -> str:
+    """"" when the recipe trains the ITM head (zero-shot ITM retrieval measures it), else why not."""
+    recipe = resolve(tcfg)
+    if not recipe.update:
+        return f"recipe {recipe.name} does not pre-train (its ITM head is untrained)"
+    if "is" not in recipe.granularities:
+        return f"recipe {recipe.name} ({'+'.join(recipe.granularities)}) does not train the ITM head (no I-S)"
+    return ""
 
 
 def trial_specs(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -182,14 +217,36 @@ def concurrency(cfg: SweepConfig, train_cfg) -> int:
     return max(1, int(res.get("CPU", 1) // (train_cfg.workers * train_cfg.cpus_per_worker)))
 
 
+def _numbers(d: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def trial_metrics(tcfg: TrainConfig, checkpoint: str, data: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What a trial reports after pre-training: the suite's `ft.*` (same budget, same items for
+    every trial), its per-item scores as JSON text (`suite_items`: the driver's MLflow callback logs
+    them as an artifact, so no file has to cross nodes) and `zeroshot.*` or why it was skipped."""
+    out: dict[str, Any] = {}
+    if config.get("finetune", True):
+        scfg = rconfig.from_dict(SuiteConfig, {**config["suite"], "mlflow": False})
+        ft = run_suite(checkpoint, data, scfg)
+        out.update(_numbers(ft["metrics"], "ft."))
+        out["ft.meta_average"] = float(ft["meta_average"] if ft["meta_average"] is not None else math.nan)
+        out["suite_items"] = json.dumps(items_doc(ft))
+    reason = trains_itm(tcfg) if config.get("zeroshot_metrics", True) else "zeroshot_metrics=false"
+    if reason:
+        out["zeroshot_skipped_reason"] = reason
+    else:
+        zcfg = rconfig.from_dict(ZeroShotConfig, {**config["zeroshot"], "mlflow": False, "ray": "never"})
+        out.update(_numbers(evaluate_zeroshot(checkpoint, data, zcfg), "zeroshot."))
+    return out
+
+
 def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: pre-train on Ray Train (reporting through to Tune), then evaluate zero-shot."""
+    """One Tune trial: pre-train on Ray Train (reporting through to Tune), then the suite and zero-shot."""
     spec = config["trial"]
     tcfg = rconfig.from_dict(TrainConfig, {**config["pretrain"], **spec["overrides"], "tracking_uri": "none"})
     result = fit(tcfg, config["data"], spec["id"], config["storage"], callbacks=[TuneReportCallback()])
-    zcfg = rconfig.from_dict(ZeroShotConfig, {**config["zeroshot"], "mlflow": False, "ray": "never"})
-    zs = evaluate_zeroshot(result["checkpoint"], config["data"], zcfg)
-    metrics = {k: float(v) for k, v in zs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = trial_metrics(tcfg, result["checkpoint"], config["data"], config)
     metrics.update({"final_loss": float(result["final_loss"] or math.nan), "pretrain_steps": float(result["steps"] or 0)})
     tune.report({**metrics, "checkpoint_uri": result["checkpoint"], "done_eval": 1.0})
 
@@ -215,10 +272,16 @@ def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
 
         def log_trial_result(self, iteration, trial, result):
             super().log_trial_result(iteration, trial, result)
+            client = self.mlflow_util._mlflow.MlflowClient()
+            run_id = self._trial_runs[trial]
             if "checkpoint_uri" in result:
-                self.mlflow_util._mlflow.MlflowClient().set_tag(
-                    self._trial_runs[trial], "raysys.checkpoint", str(result["checkpoint_uri"])
-                )
+                client.set_tag(run_id, "raysys.checkpoint", str(result["checkpoint_uri"]))
+            if "zeroshot_skipped_reason" in result:  # zero-shot ITM is null for this recipe, and why
+                client.set_tag(run_id, "zeroshot.skipped_reason", str(result["zeroshot_skipped_reason"]))
+            if result.get("suite_items"):  # each eval item's score: what the report bootstraps
+                with tempfile.TemporaryDirectory() as d:
+                    (Path(d) / "suite_items.json").write_text(str(result["suite_items"]))
+                    client.log_artifact(run_id, str(Path(d) / "suite_items.json"))
 
     return SweepMLflowCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
 
@@ -232,6 +295,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
     base = rconfig.from_dict(TrainConfig, dict(cfg.pretrain))  # validates the shared config early
     for s in specs:
         rconfig.from_dict(TrainConfig, {**cfg.pretrain, **s["overrides"]})
+    rconfig.from_dict(SuiteConfig, dict(cfg.suite), "suite")
     started = ensure_ray()
     try:
         # 1. Data stages, once (each is restartable: a resumed sweep skips them).
@@ -241,6 +305,8 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
         else:
             summary = run_pipeline(data_config(cfg), out, stages=("world", "retrieval", "phrases"))
             data = out / "data"
+        if cfg.finetune:
+            downstream(data, cfg.suite.get("task_files"))  # a dataset without a suite fails here, not in every trial
         # 2. The sweep's parent MLflow run: config and retrieval diagnostics as artifacts.
         parent_id, _ = tracking.start_run(uri, experiment, run_name=cfg.name, link=f"sweep:{out}",
                                           params={"sweep.trials": len(specs), "sweep.mode": cfg.mode},
@@ -257,6 +323,9 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
             "trial": tune.grid_search(specs),
             "pretrain": dict(cfg.pretrain),
             "zeroshot": dict(cfg.zeroshot),
+            "suite": rconfig.to_dict(rconfig.from_dict(SuiteConfig, dict(cfg.suite))),  # resolved: params record it
+            "finetune": cfg.finetune,
+            "zeroshot_metrics": cfg.zeroshot_metrics,
             "data": str(data),
             "storage": str(out / "train"),
         }
@@ -277,14 +346,15 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
                                tune_config=tune.TuneConfig(scheduler=scheduler,
                                                            max_concurrent_trials=concurrency(cfg, base)))  # fmt: skip
         grid = tuner.fit()
+        key = metric_key(cfg)
         rows = []
         for r in grid:
             m = r.metrics or {}
             spec = (r.config or {}).get("trial", {})
             rows.append({"id": spec.get("id"), "axis": spec.get("axis"), "variant": spec.get("variant"),
-                         "seed": spec.get("seed"), cfg.metric: m.get(cfg.metric), "error": str(r.error) if r.error else None})  # fmt: skip
-        done = [r for r in rows if r[cfg.metric] is not None]
-        best = max(done, key=lambda r: r[cfg.metric]) if done else None
+                         "seed": spec.get("seed"), key: m.get(key), "error": str(r.error) if r.error else None})  # fmt: skip
+        done = [r for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        best = max(done, key=lambda r: r[key]) if done else None
         tracking.end_run(uri, parent_id, "FINISHED")
         result = {"experiment": experiment, "tracking_uri": uri, "trials": len(rows), "finished": len(done),
                   "errors": sum(r["error"] is not None for r in rows), "best": best, "out": str(out),

@@ -14,6 +14,7 @@ from typing import Literal
 Mixing = Literal["round_robin", "proportional", "joint"]  # raysys.pretrain.curriculum.MIXERS
 Pooling = Literal["auto", "cls", "mean"]  # raysys.pretrain.model.POOLINGS
 RegionInit = Literal["random", "tags"]  # raysys.pretrain.region_init
+Input = Literal["stream", "memory"]  # raysys.pretrain.stream (default) | granularities.load_corpus (bench baseline)
 
 
 @dataclass
@@ -41,6 +42,11 @@ class PretrainConfig:
     max_images: int = 0  # use only the first N eligible images (0 = all); for debugging/overfit
     exclude_eval: bool = True  # keep gold "eval" images out of pre-training
     num_classes: int = 0  # MRC classes; 0 = len(manifest tag_vocab)
+    input: Input = "stream"  # stream: examples/ windows (raysys.pretrain.stream); memory: the whole shard in dicts (bench baseline)
+    window_images: int = 256  # stream: images per window; batches, ITM negatives and the in-window shuffle come from one window
+    data_cpus: float = 0.5  # stream on Ray Train: Ray CPUs of each Ray Data actor that reads, tokenises, masks and collates
+    data_actors: int = 1  # stream on Ray Train: Ray Data actors per training worker
+    prefetch_steps: int = 2  # stream on Ray Train: collated steps a worker keeps ready (Ray Data prefetch_batches)
     # model
     model_path: str = ""  # any HF BERT folder; "" = the packaged MiniLM
     model_layers: int = 0  # keep the first N encoder layers (0 = all)
@@ -51,6 +57,9 @@ class PretrainConfig:
     region_init_max_regions: int = 50000  # seeded sample of tagged regions the fit reads (0 = all)
     extra_objectives: list[str] = field(default_factory=list)  # registered objectives beyond the standard five
     loss_weights: dict[str, float] = field(default_factory=dict)  # objective → factor on its loss (absent = 1)
+    encoder: Literal["single", "two_stage"] = "single"  # two_stage: uni-modal layers, then cross-modal (MVPTR)
+    uni_layers: int = 0  # two_stage: backbone layers run per modality before the concatenation
+    min_concept_count: int = 50  # mvptr: a phrase concept is kept when ≥ this many sentences have it (MVPTR: 50)
     # optimisation
     batch_size: int = 32
     lr: float = 6e-5  # paper's peak

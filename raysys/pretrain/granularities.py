@@ -44,9 +44,10 @@ import pyarrow.parquet as pq
 import torch
 
 from raysys.contract import ContractError, read_manifest, read_table, region_arrays, shard_files
+from raysys.corpus.concepts import read_concepts
 from raysys.corpus.retrieval import read_pairs
+from raysys.pretrain.boxes import location_features
 from raysys.pretrain.config import PretrainConfig
-from raysys.pretrain.model import location_features
 from raysys.pretrain.objectives import IGNORE
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Corpus:
     text_pool: list[str] = field(default_factory=list)  # text-only samples of this shard
     paired: list[tuple[int, str]] = field(default_factory=list)  # (image, text) for the `pairs` baseline
     paired_true: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    concepts: list[str] | None = None  # the dataset's phrase concepts (raysys.corpus.concepts), when built
 
     @property
     def n_images(self) -> int:
@@ -129,6 +131,7 @@ def load_corpus(
         want_texts |= _load_gold_pairs(root, corpus, cfg, gold, eligible)
     if want_texts:
         _load_texts(root, corpus, want_texts)
+    corpus.concepts = read_concepts(root)
     return corpus
 
 

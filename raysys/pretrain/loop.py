@@ -21,6 +21,7 @@ clipping, AdamW, schedule), the optimiser step every training loop of raysys sha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -53,8 +54,10 @@ from raysys.pretrain.model import (
     save_checkpoint,
 )
 from raysys.pretrain.optim import Optimizer
-from raysys.pretrain.recipes import Recipe, resolve
+from raysys.pretrain.recipes import Recipe, model_overrides, resolve
 from raysys.pretrain.region_init import REGION_INITS, init_region_projection
+from raysys.pretrain.stream import StreamFeed, StreamPlan, local_rows, rank_items, sample_corpus, total_micro
+from raysys.pretrain.stream import plan as stream_plan
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +83,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> ModelConfig:
+    over = model_overrides(cfg)  # the recipe's encoder and objectives (mvptr, muvla+vsc)
     return ModelConfig(
         model_path=cfg.model_path, num_layers=cfg.model_layers, feature_dim=feature_dim,
         num_classes=num_classes, dropout=cfg.dropout, pooling=cfg.pooling,
-        objectives=objective_names(STANDARD_OBJECTIVES, cfg.extra_objectives),
+        objectives=objective_names(STANDARD_OBJECTIVES, over["objectives"], cfg.extra_objectives),
+        encoder=over["encoder"], uni_layers=over["uni_layers"],
     )  # fmt: skip
 
 
@@ -91,7 +96,7 @@ def check_options(cfg: PretrainConfig) -> None:
     """Fail on the fields no later stage would catch before the first step."""
     if cfg.region_init not in REGION_INITS:
         raise ConfigError(f"region_init: {cfg.region_init!r} is not one of {list(REGION_INITS)}")
-    known = objective_names(STANDARD_OBJECTIVES, cfg.extra_objectives)
+    known = objective_names(STANDARD_OBJECTIVES, model_overrides(cfg)["objectives"], cfg.extra_objectives)
     for name, w in cfg.loss_weights.items():
         if name not in known:
             raise ConfigError(f"loss_weights.{name}: not an objective of this model; known: {list(known)}")
@@ -107,6 +112,31 @@ def prepare(cfg: PretrainConfig, data: str | Path, rank: int = 0, world_size: in
     corpus = load_corpus(data, cfg, corpus_needs(list(recipe.granularities), recipe.options), rank, world_size)
     streams = build_streams(corpus, list(recipe.granularities), tok, cfg, rank)
     return Setup(recipe, tok, corpus, streams, model_config(cfg, corpus.feature_dim, corpus.num_classes))
+
+
+def prepare_stream(
+    cfg: PretrainConfig, data: str | Path, world_size: int = 1, sp: StreamPlan | None = None
+) -> tuple[Setup, StreamPlan]:
+    """The streamed input's setup (`input=stream`): the recipe, tokenizer and the run's window
+    plan (`raysys.pretrain.stream.plan`, or the driver's `sp`); its corpus is only the sample
+    `region_init=tags` fits on (the first windows' regions), never the shard."""
+    check_options(cfg)
+    recipe = resolve(cfg)
+    tok = load_tokenizer(cfg.model_path)
+    sp = sp or stream_plan(data, cfg, recipe, world_size)
+    corpus = sample_corpus(sp, cfg, recipe, features=cfg.region_init == "tags" and recipe.update)
+    return Setup(recipe, tok, corpus, {}, model_config(cfg, corpus.feature_dim, corpus.num_classes)), sp
+
+
+def stream_feed(cfg: PretrainConfig, setup: Setup, sp: StreamPlan, plan: Plan, start: int = 0) -> StreamFeed:
+    """This process's steps of the stream (the local loop's; a Ray Train worker reads Ray Data's)."""
+    items = rank_items(sp, cfg.seed, 0, plan.total * plan.grad_accum, start * plan.grad_accum)
+    return StreamFeed(local_rows(sp, cfg, setup.recipe, items))
+
+
+def stream_run_plan(cfg: PretrainConfig, sp: StreamPlan, steps: int | None = None) -> Plan:
+    """Optimiser steps of a streamed run: `per_epoch` from the window plan (or `steps_per_epoch`)."""
+    return Plan(sp.per_epoch, total_micro(sp, cfg, steps) // sp.grad_accum, sp.grad_accum)
 
 
 def build_pretrain_model(cfg: PretrainConfig, setup: Setup) -> VLModel:
@@ -199,13 +229,15 @@ class Trainee:
     model: Any  # what is called: the DDP wrapper under Ray Train with > 1 worker, else the VLModel
     module: VLModel  # the VLModel (what checkpoints hold)
     optim: Optimizer | None  # None: a recipe without updates (`base`)
-    streams: dict[str, GranularityStream]
-    mixer: Mixer
+    streams: dict[str, GranularityStream]  # input=memory
+    mixer: Mixer | None  # input=memory
     plan: Plan
     step_fn: Any
     device: torch.device
     is_ddp: bool = False
     bf16: bool = False  # CUDA only: bf16 autocast
+    feed: StreamFeed | None = None  # input=stream: the micro-steps, in order
+    granularities: str = ""  # of the last step, e.g. "rt+rp+is"
 
     def autocast(self):
         if self.device.type == "cuda" and self.bf16:
@@ -213,6 +245,8 @@ class Trainee:
         return contextlib.nullcontext()
 
     def batches(self, micro_step: int) -> list[dict[str, Any]]:
+        if self.feed is not None:
+            return [to_device(b, self.device) for b in self.feed.batches(micro_step)]
         return [to_device(self.streams[g].batch(j), self.device) for g, j in self.mixer.at(micro_step)]
 
     def step(self, s: int) -> tuple[dict[str, float], float, int, int]:
@@ -223,6 +257,7 @@ class Trainee:
         samples = tokens = 0
         for a in range(self.plan.grad_accum):
             batches = self.batches(s * self.plan.grad_accum + a)
+            self.granularities = "+".join(b["granularity"] for b in batches)
             samples += sum(int(b["input_ids"].shape[0]) for b in batches)
             tokens += sum(count_tokens(b) for b in batches)
             if self.optim is None:  # losses only
@@ -245,14 +280,18 @@ class Trainee:
 
 def make_trainee(
     cfg: PretrainConfig, setup: Setup, device: torch.device, batches_per_epoch: dict[str, int], wrap=None,
-    steps: int | None = None,
+    steps: int | None = None, plan: Plan | None = None, feed: StreamFeed | None = None,
 ) -> Trainee:  # fmt: skip
     """Build model, optimiser, schedule and mixer for one rank. `wrap(model)` places the model
     (Ray Train's `prepare_model`); without it the model is moved to `device`. `compile` and `bf16`
-    are `TrainConfig` (CUDA) settings; a `PretrainConfig` trains uncompiled in float32."""
+    are `TrainConfig` (CUDA) settings; a `PretrainConfig` trains uncompiled in float32. With a
+    `feed` (input=stream) the steps come from it and `plan` says how many; else from the mixer."""
     recipe = setup.recipe
-    mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
-    plan = Plan.of(cfg, mixer.steps_per_epoch, steps)
+    mixer = None
+    if feed is None:
+        mixer = make_mixer(recipe.mixing, list(recipe.granularities), batches_per_epoch, cfg.seed)
+        plan = Plan.of(cfg, mixer.steps_per_epoch, steps)
+    assert plan is not None
     module = build_pretrain_model(cfg, setup)
     if device.type == "cuda" and getattr(cfg, "compile", False):
         module.lm.bert.encoder.compile(dynamic=True)  # in place: state_dict keys are unchanged
@@ -261,7 +300,7 @@ def make_trainee(
     optim = Optimizer.build(module, cfg, plan.total, plan.grad_accum) if recipe.update else None
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return Trainee(model, module, optim, setup.streams, mixer, plan, make_step(cfg, recipe), device, is_ddp,
-                   bf16=getattr(cfg, "bf16", False))  # fmt: skip
+                   bf16=getattr(cfg, "bf16", False), feed=feed)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the local loop
@@ -272,12 +311,19 @@ def train_local(
 ) -> dict[str, Any]:
     """Single-process pre-training for debugging and tests. Returns the summary the CLI prints."""
     t0 = time.perf_counter()
+    if steps is not None:  # recorded as run: pretrain.yaml and the checkpoint say the steps taken
+        cfg = dataclasses.replace(cfg, steps=steps)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     np.random.seed(cfg.seed)
-    setup = prepare(cfg, data)
-    tr = make_trainee(cfg, setup, device, {g: len(s) for g, s in setup.streams.items()}, steps=steps)
+    if cfg.input == "stream":
+        setup, sp = prepare_stream(cfg, data)
+        plan = stream_run_plan(cfg, sp, steps)
+        tr = make_trainee(cfg, setup, device, {}, plan=plan, feed=stream_feed(cfg, setup, sp, plan))
+    else:
+        setup = prepare(cfg, data)
+        tr = make_trainee(cfg, setup, device, {g: len(s) for g, s in setup.streams.items()}, steps=steps)
     torch.manual_seed(cfg.seed)  # dropout stream: the same seed gives the same run
     history: list[dict[str, float]] = []
     samples = 0
@@ -286,7 +332,7 @@ def train_local(
         comps, _, n, _ = tr.step(s)
         samples += n
         epoch = tr.plan.epoch(s)
-        row = {"step": s, "epoch": epoch, "granularity": "+".join(g for g, _ in tr.mixer.at(s)), **comps}
+        row = {"step": s, "epoch": epoch, "granularity": tr.granularities, **comps}
         history.append(row)
         if cfg.log_every and (s % cfg.log_every == 0 or s == tr.plan.total - 1):
             parts = " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float))

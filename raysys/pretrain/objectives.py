@@ -23,6 +23,7 @@ Label conventions (what the collators of `raysys.pretrain.granularities` produce
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -218,3 +219,191 @@ class ImageTextMatching(Objective):
         valid = labels != IGNORE
         loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * valid
         return ObjectiveOutput(loss, valid, {"logits": logits})
+
+
+# ---------------------------------------------------------------- MVPTR (papers/002, §3.2–3.3)
+#
+# These read the two-stage encoder (`ModelConfig.encoder = "two_stage"`): its uni-modal towers
+# (`model.tower_embeddings`), its phrase-concept outputs (`out["concept_hidden"]`) and its
+# cross-modal layers (`model.cross_encode`). Batches of the `mvptr` granularity
+# (`raysys.pretrain.mvptr`) carry the concepts; `vsc` also runs on I-S batches (its positives).
+
+MVPTR_GRANULARITIES = ("mvptr",)
+VSC_INIT_TEMPERATURE = 0.07  # CLIP's / ALBEF's initial τ
+WPG_MARGIN = 0.2
+
+
+def vsc_per_sample(sim: torch.Tensor, scale: torch.Tensor | float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """MVPTR Eq. 1 and L_vsc, per pair: `sim[i, k]` is the cosine of image i and text k, `scale` = 1/τ.
+    Returns `-(log p_v2s(V_i, S_i) + log p_s2v(S_i, V_i)) / 2` for each i; its mean is L_vsc.
+    `exclude` (off-diagonal, bool) drops pairs that are not negatives (the same image twice)."""
+    logits = sim * scale
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
+    diag = torch.arange(sim.shape[0], device=sim.device)
+    v2s = F.cross_entropy(logits, diag, reduction="none")  # image i over texts
+    s2v = F.cross_entropy(logits.t(), diag, reduction="none")  # text i over images
+    return 0.5 * (v2s + s2v)
+
+
+def negative_distribution(sim_rows: torch.Tensor, scale: torch.Tensor | float, exclude: torch.Tensor) -> torch.Tensor:
+    """Row-wise softmax of `sim_rows · scale` over the allowed candidates (`exclude` False): the
+    distribution hard negatives are drawn from (the diagonal and same-image entries excluded)."""
+    logits = (sim_rows.detach().float() * scale).masked_fill(exclude, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def sample_hard_negatives(probs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One index per row drawn from `probs` (rows of `negative_distribution`); (index, valid) —
+    a row with no allowed candidate has no negative."""
+    valid = probs.sum(-1) > 0
+    safe = torch.where(valid.unsqueeze(-1), probs, torch.ones_like(probs))
+    idx = torch.multinomial(safe, 1, generator=generator).squeeze(-1)
+    return idx, valid
+
+
+def wpg_similarity(phrases: torch.Tensor, phrase_mask: torch.Tensor, regions: torch.Tensor,
+                   region_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """MVPTR Eq. 2: `S_wpg(V, S) = 1/M Σ_i max_j g(c_i)·g(r_j)` with g = L2 normalisation, per
+    sample; (similarity (B,), valid (B,): the sample has a phrase and a region)."""
+    c = F.normalize(phrases.float(), dim=-1)
+    r = F.normalize(regions.float(), dim=-1)
+    cos = torch.einsum("bch,brh->bcr", c, r).masked_fill(~region_mask.unsqueeze(1), float("-inf"))
+    best = cos.max(-1).values  # (B, C)
+    pm = phrase_mask & region_mask.any(-1, keepdim=True)
+    best = torch.where(pm, best, torch.zeros_like(best))
+    n = pm.sum(-1)
+    return best.sum(-1) / n.clamp(min=1).to(best.dtype), n > 0
+
+
+def wpg_hinge(pos: torch.Tensor, neg: torch.Tensor, margin: float = WPG_MARGIN) -> torch.Tensor:
+    """L_wpg per sample: `max(0, margin + S_wpg(V_i', S_i) − S_wpg(V_i, S_i))` (the paper prints
+    `min`, a typo: a hinge that could only be ≤ 0 would never train)."""
+    return torch.clamp(margin + neg - pos, min=0.0)
+
+
+def _vsc_scale(model: nn.Module) -> torch.Tensor | float:
+    """1/τ of the model's VSC objective (the distribution hard negatives come from)."""
+    objs = getattr(model, "objectives", {})
+    return objs["vsc"].scale() if "vsc" in objs else 1.0 / VSC_INIT_TEMPERATURE
+
+
+def _towers(model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text (B,H), image (B,H), same-image mask (B,B) off the diagonal), computed once per batch."""
+    if "towers" not in out:
+        t, v = model.tower_embeddings(batch)
+        img = batch.get("image_index")
+        B = t.shape[0]
+        eye = torch.eye(B, dtype=torch.bool, device=t.device)
+        same = (img.unsqueeze(0) == img.unsqueeze(1)) & ~eye if img is not None else torch.zeros_like(eye)
+        out["towers"] = (t, v, same)
+    return out["towers"]
+
+
+def hard_negative_pass(model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """For each text S_i, a hard negative image V_i' drawn from p_s2v(S_i, ·) (Eq. 1), and the
+    cross-modal layers run on (V_i', S_i); shared by WPG and ITM, computed once per batch."""
+    if "hard_negative" not in out:
+        t, v, same = _towers(model, out, batch)
+        eye = torch.eye(t.shape[0], dtype=torch.bool, device=t.device)
+        probs = negative_distribution(t @ v.t(), _vsc_scale(model), same | eye)  # row i: text i over images
+        neg, valid = sample_hard_negatives(probs)
+        rmask = batch["region_mask"][neg]
+        h = model.cross_encode(torch.cat([out["text_uni"], out["concept_uni"]], 1), out["text_concept_mask"],
+                               out["region_uni"][neg], rmask)  # fmt: skip
+        T, C = out["text_uni"].shape[1], out["concept_uni"].shape[1]
+        out["hard_negative"] = {"image": neg, "valid": valid, "text_hidden": h[:, :T],
+                                "concept_hidden": h[:, T : T + C], "region_hidden": h[:, T + C :], "region_mask": rmask}  # fmt: skip
+    return out["hard_negative"]
+
+
+@register("vsc")
+class VisualSemanticContrastive(Objective):
+    """VSC (MVPTR §3.3): in-batch symmetric contrastive loss between the uni-modal towers' L2-normalised
+    text and image embeddings, with a learnable temperature τ (stored as log(1/τ), clamped at 100
+    like CLIP's). On I-S batches only the positive (retrieved) pairs take part."""
+
+    needs = ("text_mask", "region_mask")
+    granularities = (*MVPTR_GRANULARITIES, "is")
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / VSC_INIT_TEMPERATURE)))
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=100.0)
+
+    def forward(self, model, out, batch):
+        t, v, same = _towers(model, out, batch)
+        labels = batch.get("itm_labels")
+        keep = labels != 0 if labels is not None else torch.ones(t.shape[0], dtype=torch.bool, device=t.device)
+        B = t.shape[0]
+        loss = torch.zeros(B, dtype=torch.float32, device=t.device)
+        if int(keep.sum()) < 2:
+            return ObjectiveOutput(loss, torch.zeros(B, dtype=torch.bool, device=t.device))
+        idx = keep.nonzero().squeeze(-1)
+        per = vsc_per_sample(v[idx] @ t[idx].t(), self.scale(), same[idx][:, idx])
+        return ObjectiveOutput(loss.index_put((idx,), per), keep)
+
+
+@register("wpg")
+class WeaklySupervisedPhraseGrounding(Objective):
+    """WPG (MVPTR §3.3): phrase concepts vs regions after the cross-modal layers, aggregated by Eq. 2
+    into a text-to-image similarity, hinge 0.2 against a hard negative image from p_s2v."""
+
+    needs = ("concept_ids", "concept_masked")
+    granularities = MVPTR_GRANULARITIES
+
+    def forward(self, model, out, batch):
+        phrases = batch["concept_ids"].ne(IGNORE).any(-1) & ~batch["concept_masked"]  # masked concepts are [MASK]
+        pos, ok_pos = wpg_similarity(out["concept_hidden"], phrases, out["region_hidden"], batch["region_mask"])
+        neg_out = hard_negative_pass(model, out, batch)
+        neg, ok_neg = wpg_similarity(neg_out["concept_hidden"], phrases, neg_out["region_hidden"], neg_out["region_mask"])
+        return ObjectiveOutput(wpg_hinge(pos, neg), ok_pos & ok_neg & neg_out["valid"])
+
+
+@register("itm_hard")
+class HardNegativeImageTextMatching(Objective):
+    """ITM (MVPTR Eq. 4) on n matched pairs and n hard negatives: for each text, an image drawn from
+    the VSC distribution p_s2v (the same draw WPG uses). Per sample: the mean of its positive's and
+    its negative's cross-entropy."""
+
+    needs = ("text_mask", "region_mask")
+    granularities = MVPTR_GRANULARITIES
+
+    def forward(self, model, out, batch):
+        neg_out = hard_negative_pass(model, out, batch)
+        pos_logits = out["itm_logits"].float()
+        pooled = model.pool_masked(neg_out["text_hidden"], batch["text_mask"], neg_out["region_hidden"],
+                                   neg_out["region_mask"])  # fmt: skip
+        neg_logits = model.itm_head(pooled).float()
+        B = pos_logits.shape[0]
+        ones = torch.ones(B, dtype=torch.long, device=pos_logits.device)
+        loss = 0.5 * (F.cross_entropy(pos_logits, ones, reduction="none")
+                      + F.cross_entropy(neg_logits, ones * 0, reduction="none"))  # fmt: skip
+        return ObjectiveOutput(loss, neg_out["valid"], {"logits": pos_logits})
+
+
+@register("mcr")
+class MaskedConceptRecovering(Objective):
+    """MCR (MVPTR §3.2): tag concepts of the visual tower masked at 0.25 (80/10/10), each masked one
+    classified over the tag vocabulary (the detector classes) from the visual tower's output,
+    through an MLP head this objective owns."""
+
+    needs = ("mcr_labels", "vtag_ids")
+    granularities = MVPTR_GRANULARITIES
+
+    def __init__(self, model):
+        super().__init__(model)
+        H, eps = model.hidden_size, model.lm.config.layer_norm_eps
+        self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=eps), nn.Linear(H, model.cfg.num_classes))
+
+    def forward(self, model, out, batch):
+        labels = batch["mcr_labels"]
+        h = out["tag_uni"]
+        sel = labels != IGNORE
+        if not bool(sel.any()):
+            return _empty(labels.shape[0], h)
+        ce = F.cross_entropy(self.head(h[sel]).float(), labels[sel], reduction="none")
+        return per_sample_mean(ce, sel.nonzero()[:, 0], labels.shape[0])

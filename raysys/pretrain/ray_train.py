@@ -35,12 +35,13 @@ cluster run needs:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import os
-import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -62,13 +64,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysys import config as rconfig
 from raysys import tracking
+from raysys.checkpoints import load_weights
 from raysys.config import ConfigError
 from raysys.contract import ContractError
 from raysys.plugins import load_plugins
 from raysys.pretrain.config import TrainConfig
 from raysys.pretrain.optim import Optimizer
 from raysys.pretrain.recipes import resolve
+from raysys.pretrain.stream import (
+    StreamFeed,
+    StreamPlan,
+    dataset_name,
+    plan_from_json,
+    plan_json,
+    rank_items,
+    ray_rows,
+    total_micro,
+)
+from raysys.pretrain.stream import dataset as stream_dataset
+from raysys.pretrain.stream import plan as stream_plan
 from raysys.raycluster import ensure_ray as _ensure_ray
+from raysys.rss import PeakRSS
 from raysys.tracking import MetricBuffer
 
 if TYPE_CHECKING:
@@ -151,13 +167,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def safe_load(path: str | os.PathLike) -> Any:
-    """`torch.load(weights_only=True)`: tensors and plain containers only. Anything else — a
-    pickle that names a class or a function — is refused with a one-line error, never executed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ContractError(path, None, "pickle", f"refused: not a weights-only checkpoint ({first})") from None
+    """`torch.load(weights_only=True)` (`raysys.checkpoints.load_weights`): tensors and plain
+    containers only. Anything else is refused with a one-line error, never executed."""
+    return load_weights(path)
 
 
 def rng_file(rank: int) -> str:
@@ -315,20 +327,29 @@ def set_threads(cfg: TrainConfig, device) -> None:
         torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
 
 
-def _worker_trainee(cfg: TrainConfig, data: str, rank: int, world: int, device: torch.device) -> Trainee:
-    """This rank's shard, and a trainee whose mixer every rank agrees on (batch counts all-reduced
-    with MIN), its model placed by Ray Train (DDP when world > 1)."""
-    from raysys.pretrain.loop import make_trainee, prepare  # lazy: transformers; only workers need it
-
-    setup = prepare(cfg, data, rank, world)
-    names = list(setup.recipe.granularities)
-    local = [float(len(setup.streams[g])) for g in names]
-    agreed = {g: int(x) for g, x in zip(names, _all_reduce(local, device, op="min"))}
+def _worker_trainee(cfg: TrainConfig, config: dict[str, Any], rank: int, world: int, device: torch.device) -> Trainee:
+    """This rank's trainee, its model placed by Ray Train (DDP when world > 1). `input=stream`:
+    its steps come from its Ray Data dataset (`ray.train.get_dataset_shard`). `input=memory`: its
+    shard of the corpus, with a mixer every rank agrees on (batch counts all-reduced with MIN)."""
+    from raysys.pretrain.loop import (  # lazy: transformers
+        make_trainee,
+        prepare,
+        prepare_stream,
+        stream_run_plan,
+    )
 
     def wrap(m):
         m = _every_parameter_in_the_graph(m) if world > 1 else m
         return ray.train.torch.prepare_model(m, parallel_strategy_kwargs=_no_buffer_sync())
 
+    if cfg.input == "stream":
+        setup, sp = prepare_stream(cfg, config["data"], world, plan_from_json(config["stream_plan"]))
+        feed = StreamFeed(ray_rows(ray.train.get_dataset_shard(dataset_name(rank)), cfg.prefetch_steps))
+        return make_trainee(cfg, setup, device, {}, wrap, plan=stream_run_plan(cfg, sp), feed=feed)
+    setup = prepare(cfg, config["data"], rank, world)
+    names = list(setup.recipe.granularities)
+    local = [float(len(setup.streams[g])) for g in names]
+    agreed = {g: int(x) for g, x in zip(names, _all_reduce(local, device, op="min"))}
     return make_trainee(cfg, setup, device, agreed, wrap)
 
 
@@ -357,11 +378,18 @@ class _Attempt:
     total_tokens: int = 0
     t_log: float = 0.0
     t_loop: float = 0.0
+    rss: PeakRSS | None = None
+    last: dict[str, float] = field(default_factory=dict)  # every component's latest value (all granularities)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The body each Ray Train worker runs (one DDP rank)."""
     load_plugins()  # RAYSYS_PLUGINS (inherited from the driver): plugin objectives exist here too
+    with PeakRSS(interval=0.5) as rss:  # this worker's resident memory, sampled (metrics: peak_rss_mb_per_worker)
+        _train(config, rss)
+
+
+def _train(config: dict[str, Any], rss: PeakRSS) -> None:
     t_setup = time.perf_counter()
     cfg = rconfig.from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
@@ -369,10 +397,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     set_threads(cfg, device)
     np.random.seed(cfg.seed)
-    tr = _worker_trainee(cfg, config["data"], rank, world, device)
+    tr = _worker_trainee(cfg, config, rank, world, device)
     # Dropout stream: rank 0 matches the local loop's; other ranks get their own.
     torch.manual_seed(cfg.seed + 1_000_003 * rank)
-    run = _Attempt(cfg, tr, rank, world, config["invocation"], config.get("mlflow_run_id"), config.get("tracking_uri"))
+    run = _Attempt(cfg, tr, rank, world, config["invocation"], config.get("mlflow_run_id"), config.get("tracking_uri"), rss=rss)
     _resume(run)
     metrics_buf = None
     if rank == 0 and run.tracking_uri and run.mlflow_run_id:
@@ -409,6 +437,7 @@ def _train_step(run: _Attempt, s: int, metrics_buf: MetricBuffer | None) -> bool
     if cfg.fail_at_step and s == cfg.fail_at_step and run.rank == run.world - 1:
         _failure_drill(run.rank, s, run.invocation)
     comps, lr, n_samples, n_tokens = run.tr.step(s)
+    run.last.update(comps)
     run.samples += n_samples
     run.tokens += n_tokens
     run.step_samples.append(n_samples)
@@ -466,6 +495,11 @@ def _metrics(
     """What a checkpoint's metrics.json holds (and, in part, what Ray Train and Tune see)."""
     plan = run.tr.plan
     loop_s = time.perf_counter() - run.t_loop
+    feed = run.tr.feed
+    mine = (run.rss.peak_mb if run.rss else 0.0, (feed.wait_s if feed else 0.0) / max(loop_s, 1e-9),
+            float(feed.rows_read if feed else -1))  # fmt: skip
+    per_rank = _all_reduce([x for r in range(run.world) for x in (mine if r == run.rank else (0.0, 0.0, 0.0))],
+                           run.tr.device)  # fmt: skip
     return {
         "step": steps_done,
         "epoch": epoch,
@@ -476,7 +510,7 @@ def _metrics(
         "stopped": stop,
         "final_loss": run.loss_global,
         "loss": comps["loss"],
-        "components": {k: v for k, v in comps.items() if k != "loss"},
+        "components": {k: v for k, v in run.last.items() if k != "loss"},  # each one's last value
         "lr": lr,
         "world_size": run.world,
         "grad_accum": plan.grad_accum,
@@ -492,6 +526,10 @@ def _metrics(
         "step_seconds": run.step_times,
         "step_samples": run.step_samples,
         "device": str(run.tr.device),
+        "input": run.cfg.input,
+        "peak_rss_mb_per_worker": per_rank[0::3],
+        "data_wait_share_per_worker": per_rank[1::3],
+        "examples_rows_read_per_worker": [int(x) for x in per_rank[2::3]],  # stream: rows its windows held
         "mlflow_run_id": run.mlflow_run_id,
         "tracking_uri": run.tracking_uri,
     }
@@ -587,7 +625,7 @@ def fit(
     t0 = time.perf_counter()
     uri = tracking.resolve_tracking_uri(cfg.tracking_uri, tracking_base if tracking_base is not None else storage)
     run_id = _start_tracking(cfg, uri, data, name, storage)
-    trainer = _trainer(cfg, data, name, storage, uri, run_id, callbacks)
+    trainer = _trainer(cfg, data, name, storage, uri, run_id, callbacks, _stream_inputs(cfg, data, name, storage))
     try:
         result = trainer.fit()
     except BaseException:
@@ -618,27 +656,88 @@ def fit(
         "samples_per_s": metrics.get("samples_per_s"),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "device": metrics.get("device"),
+        "input": cfg.input,
+        "peak_rss_mb_per_worker": metrics.get("peak_rss_mb_per_worker"),
+        "data_wait_share_per_worker": metrics.get("data_wait_share_per_worker"),
+        "examples_rows_read_per_worker": metrics.get("examples_rows_read_per_worker"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
+def _stream_inputs(cfg: TrainConfig, data: Path, name: str, storage: str) -> tuple[StreamPlan, dict[str, Any]] | None:
+    """`input=stream`: the window plan and one Ray Data dataset per rank, each from the step the
+    run resumes at (the latest checkpoint Ray Train will restore, when there is one), so a
+    resumed run re-reads one window, not the epoch."""
+    if cfg.input != "stream":
+        return None
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # bars at a terminal, not in logs
+    sp = stream_plan(data, cfg, resolve(cfg), cfg.workers)
+    start = resume_step(storage, name) * sp.grad_accum
+    recipe, end = resolve(cfg), total_micro(sp, cfg)
+    dcfg = dataclasses.replace(cfg, data_cpus=_data_cpus(cfg))
+    return sp, {dataset_name(r): stream_dataset(sp, dcfg, recipe, rank_items(sp, cfg.seed, r, end, start))
+                for r in range(cfg.workers)}  # fmt: skip
+
+
+def _data_cpus(cfg: TrainConfig) -> float:
+    """`data_cpus`, or what the cluster has left beside the training workers when that is less
+    (a 2-core machine running 2 workers of 1 CPU has none left: the actors then reserve 0 CPUs
+    and share the cores, as the in-memory path's collation did inside the workers)."""
+    free = ray.cluster_resources().get("CPU", 0.0) - cfg.workers * cfg.cpus_per_worker
+    fit = max(0.0, free / max(1, cfg.workers * cfg.data_actors))
+    if fit < cfg.data_cpus:
+        log.info("data_cpus=%s does not fit beside the training workers (%.2f CPUs free): using %.2f",
+                 cfg.data_cpus, max(free, 0.0), fit)  # fmt: skip
+    return min(cfg.data_cpus, fit)
+
+
+def resume_step(storage: str, name: str) -> int:
+    """The step of the checkpoint Ray Train restores when run `name` starts again (its checkpoint
+    manager snapshot's latest checkpoint, `checkpoint-<step>`); 0 when there is none."""
+    try:
+        from ray.train.v2._internal.constants import (  # lazy: Ray 2.60 internals, may move
+            CHECKPOINT_MANAGER_SNAPSHOT_FILENAME,
+        )
+
+        fs, base = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+        with fs.open_input_stream(f"{base.rstrip('/')}/{name}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}") as f:
+            snap = json.loads(f.read().decode())
+        latest = snap.get("latest_checkpoint_result") or {}
+        found = re.search(r"checkpoint-(\d+)", json.dumps(latest))
+        return int(found.group(1)) if found else 0
+    except Exception:  # noqa: BLE001 - no snapshot (a new run) or another Ray: start at 0, workers skip
+        return 0
+
+
 def _start_tracking(cfg: TrainConfig, uri: str | None, data: Path, name: str, storage: str) -> str | None:
-    """Create (or, on resume, reopen) the run's MLflow run with the resolved config as params."""
+    """Create (or, on resume, reopen) the run's MLflow run: the resolved config as params (a
+    tracking URI's password redacted), source tags (commit, dirty flag, command line) and the
+    dataset as an input."""
     if not uri:
         return None
+    params = {**rconfig.to_dict(cfg), "data": str(data), "storage": storage, "name": name}
+    params["tracking_uri"] = tracking.redact(str(params.get("tracking_uri", "")))
     run_id, reopened = tracking.start_run(
-        uri, cfg.experiment, run_name=name, link=f"{storage.rstrip('/')}/{name}",
-        params={**rconfig.to_dict(cfg), "data": str(data), "storage": storage, "name": name},
-        tags={"raysys.stage": "pretrain", "raysys.storage": storage, "raysys.name": name},
+        uri, cfg.experiment, run_name=name, link=f"{storage.rstrip('/')}/{name}", params=params,
+        tags={"raysys.stage": "pretrain", "raysys.storage": storage, "raysys.name": name, **tracking.source_tags()},
         reopen=run_exists(storage, name),  # a fresh storage dir is a new run, even if MLflow knew the name
     )  # fmt: skip
+    if not reopened:
+        tracking.log_dataset(uri, run_id, data)
     log.info("%s%s", tracking.describe(uri, run_id, cfg.experiment), " (reopened)" if reopened else "")
     return run_id
 
 
 def _trainer(
-    cfg: TrainConfig, data: Path, name: str, storage: str, uri: str | None, run_id: str | None, callbacks: list | None
-) -> TorchTrainer:
+    cfg: TrainConfig, data: Path, name: str, storage: str, uri: str | None, run_id: str | None, callbacks: list | None,
+    stream: tuple[StreamPlan, dict[str, Any]] | None = None,
+) -> TorchTrainer:  # fmt: skip
+    extra: dict[str, Any] = {}
+    if stream is not None:  # each rank reads its own dataset, in order: never split, order kept
+        extra["datasets"] = stream[1]
+        extra["dataset_config"] = ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -647,7 +746,9 @@ def _trainer(
             "invocation": uuid.uuid4().hex,
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
+            "stream_plan": plan_json(stream[0]) if stream is not None else None,
         },
+        **extra,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=_use_gpu(cfg), resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
@@ -670,8 +771,12 @@ def _finish_tracking(ckpt, result, uri: str | None, run_id: str | None, log_mode
         if uri and run_id:
             tracking.log_tags(uri, run_id, {"raysys.complete": str(complete).lower(),
                                              "raysys.checkpoint": checkpoint_uri(ckpt)})  # fmt: skip
-            if complete and log_model:
-                tracking.log_artifacts(uri, run_id, [Path(d) / CONFIG_FILE, Path(d) / MODEL_FILE])
+            if complete:
+                tracking.log_artifacts(uri, run_id, [Path(d) / CONFIG_FILE])
+                tracking.log_loss_curve(uri, run_id, ["loss", "loss_all_ranks"])
+            if complete and log_model:  # an MLflow logged model holding the weights-only checkpoint
+                tracking.log_model_files(uri, run_id, [Path(d) / MODEL_FILE, Path(d) / CONFIG_FILE],
+                                         params={"recipe": metrics.get("recipe", ""), "steps": metrics.get("step")})  # fmt: skip
     if uri and run_id:
         tracking.end_run(uri, run_id, "FINISHED")
     return metrics

@@ -12,6 +12,8 @@ A recipe says which granularity datasets feed the model, how their batches are m
 | `random_pairs` | pairs (random texts) | joint MLM+MRM on randomly paired images and texts |
 | `paired_ratio` | pairs (gold, ratio r) | a fraction `paired_ratio` of true gold pairs, the rest shuffled |
 | `round_robin` | text, image | U-VisualBERT: text-only MLM batches alternate with image-only MRM + tag-MLM batches; tags carry their region's box |
+| `mvptr` | mvptr | MVPTR (papers/002) Eq. 5 on the retrieved pairs: mcr, vsc, wpg, itm_hard, chain-masked mlm; two-stage encoder |
+| `muvla+vsc` | `granularities` | `muvla` plus VSC on the two-stage encoder's uni-modal towers (I-S positives) |
 
 Register another with `@register("name")` — a function of the config returning a `Recipe`.
 """
@@ -84,6 +86,45 @@ def paired_ratio(cfg: PretrainConfig) -> Recipe:
 @register("round_robin")
 def round_robin(cfg: PretrainConfig) -> Recipe:
     return Recipe("round_robin", ("text", "image"), "round_robin", w_itm=False)
+
+
+# ---------------------------------------------------------------- MVPTR (papers/002)
+
+MVPTR_OBJECTIVES = ("mcr", "vsc", "wpg", "itm_hard")  # + the standard `mlm` on chain-masked text
+
+
+@register("mvptr")
+def mvptr(cfg: PretrainConfig) -> Recipe:
+    """MVPTR's full objective (its Eq. 5: VSC + MCR + MLM + ITM + WPG) on the retrieved pairs, on
+    the two-stage encoder. The `mvptr` granularity is not one of the §3.4 weighted ones, so
+    `w_itm` does not apply to it."""
+    from raysys.pretrain import mvptr as _granularity  # noqa: F401  # lazy: registers the `mvptr` granularity; keeps recipes torch-free
+
+    return Recipe("mvptr", ("mvptr",), cfg.mixing, w_itm=False,
+                  options={"encoder": "two_stage", "objectives": MVPTR_OBJECTIVES})  # fmt: skip
+
+
+@register("muvla+vsc")
+def muvla_vsc(cfg: PretrainConfig) -> Recipe:
+    """μ-VLA's curriculum (granularities, mixing, w_ITM) plus VSC on the two-stage encoder's
+    uni-modal towers, on the I-S batches' positive pairs."""
+    g = _muvla_granularities(cfg.granularities)
+    if "is" not in g:
+        raise ConfigError(f"recipe muvla+vsc: VSC runs on I-S batches; granularities {list(g)} have none")
+    return Recipe("muvla+vsc", g, cfg.mixing, w_itm=cfg.w_itm, options={"encoder": "two_stage", "objectives": ("vsc",)})
+
+
+def model_overrides(cfg: PretrainConfig) -> dict[str, Any]:
+    """What the config's recipe sets on the model: `encoder`, `uni_layers` and `objectives` (the
+    registered objectives it adds to the standard ones). A recipe that needs the two-stage encoder
+    (`mvptr`, `muvla+vsc`) turns `encoder: single` into `two_stage`, with `uni_layers` or, when
+    that is 0, half the backbone's layers (-1, resolved by the model)."""
+    r = resolve(cfg)
+    encoder = getattr(cfg, "encoder", "single")
+    uni = getattr(cfg, "uni_layers", 0)
+    if encoder == "single" and r.options.get("encoder") == "two_stage":
+        encoder, uni = "two_stage", uni or -1
+    return {"encoder": encoder, "uni_layers": uni, "objectives": tuple(r.options.get("objectives", ()))}
 
 
 def resolve(cfg: PretrainConfig) -> Recipe:

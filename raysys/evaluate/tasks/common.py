@@ -85,12 +85,20 @@ def argmax_predictions(model: nn.Module, data: TaskData, tokenizer, state: State
             for p in logits.argmax(dim=1).tolist()]  # fmt: skip
 
 
+def per_item(data: TaskData, scores, ids: list[str] | None = None) -> dict[str, list]:
+    """Each evaluation item's own score (percent; the headline is their mean), keyed by the
+    example's uid: what a paired bootstrap over items resamples (`raysys report`)."""
+    return {"ids": ids if ids is not None else [str(ex.uid) for ex in data.examples],
+            "scores": [round(float(s), 4) for s in scores]}  # fmt: skip
+
+
 def classify_accuracy(collate: Collate):
     """The metric of a classification task: accuracy (percent) of the argmax class."""
 
     def metric(model: nn.Module, data: TaskData, tokenizer, state: State, batch_size: int, device) -> dict[str, Any]:
         preds = argmax_predictions(model, data, tokenizer, state, batch_size, device, collate)
         labels = np.array([ex.label for ex in data.examples])
-        return {"accuracy": accuracy(np.array(preds), labels), "n_eval": len(data.examples)}
+        return {"accuracy": accuracy(np.array(preds), labels), "n_eval": len(data.examples),
+                "per_item": per_item(data, 100.0 * (np.array(preds) == labels))}  # fmt: skip
 
     return metric

@@ -18,7 +18,7 @@ from torch import nn
 
 from raysys.contract import ContractError
 from raysys.evaluate.metrics import iou, xywh_to_xyxy
-from raysys.evaluate.tasks.common import Head, mlp_head, predict, single_image_batch
+from raysys.evaluate.tasks.common import Head, mlp_head, per_item, predict, single_image_batch
 from raysys.evaluate.tasks.formats import get_field, json_rows, load_json, peek, split_ok
 from raysys.evaluate.tasks.registry import Encoded, Example, State, Task, TaskData, TaskHyper, register_task
 
@@ -171,7 +171,8 @@ def _metric(model: nn.Module, data: TaskData, tokenizer, state: State, batch_siz
     upper = [bool((iou(data.imageset.image_boxes(data.images[i][0]), ex.label) > thr).any())
              for i, ex in enumerate(data.examples)]  # fmt: skip
     n = len(data.examples)
-    return {"accuracy": 100.0 * float(np.mean(hits)), "n_eval": n, "proposal_upper_bound": 100.0 * float(np.mean(upper))}
+    return {"accuracy": 100.0 * float(np.mean(hits)), "n_eval": n, "proposal_upper_bound": 100.0 * float(np.mean(upper)),
+            "per_item": per_item(data, 100.0 * np.asarray(hits, np.float64))}  # fmt: skip
 
 
 TASK = register_task(Task(

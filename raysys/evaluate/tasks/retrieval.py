@@ -21,7 +21,7 @@ from torch import nn
 from raysys.contract import ContractError
 from raysys.evaluate.downstream import pair_batch, score_pairs
 from raysys.evaluate.metrics import gold_ranks, rank_summary
-from raysys.evaluate.tasks.common import Head, cross_entropy, single_image_batch
+from raysys.evaluate.tasks.common import Head, cross_entropy, per_item, single_image_batch
 from raysys.evaluate.tasks.formats import get_field, json_rows, load_json, peek, split_ok
 from raysys.evaluate.tasks.registry import Encoded, Example, State, Task, TaskData, TaskHyper, register_task
 
@@ -227,7 +227,20 @@ def _metric(model: nn.Module, data: TaskData, tokenizer, state: State, batch_siz
     out.update(rank_summary(gold_ranks(S.T, gold.T, tie_policy), "t2i"))
     out["r_mean"] = float(np.mean([out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]))
     out.update(n_images=len(images), n_texts=len(texts))
+    out["per_item"] = _per_image(data, images, img_of[texts], gold_ranks(S, gold, tie_policy),
+                                 gold_ranks(S.T, gold.T, tie_policy))  # fmt: skip
     return out
+
+
+def _per_image(data: TaskData, images: np.ndarray, text_img: np.ndarray, i2t: np.ndarray, t2i: np.ndarray) -> dict:
+    """One item per evaluation image: the mean of its own i2t recalls@1/5/10 and of its captions'
+    t2i recalls (percent). Their mean is `r_mean` when every image has the same number of captions."""
+    h_i, h_t = (np.mean([ranks <= k for k in (1, 5, 10)], axis=0) for ranks in (i2t, t2i))
+    scores = [50.0 * (h_i[a] + h_t[text_img == img].mean()) for a, img in enumerate(images)]
+    first = {}
+    for i, ex in enumerate(data.examples):
+        first.setdefault(data.images[i][0], ex.images[0])
+    return per_item(data, scores, ids=[str(first[int(img)]) for img in images])
 
 
 TASK = register_task(Task(

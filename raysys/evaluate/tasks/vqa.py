@@ -22,7 +22,14 @@ from torch import nn
 from raysys.config import ConfigError
 from raysys.contract import ContractError
 from raysys.evaluate.metrics import normalize_answer, vqa_accuracy, vqa_soft_scores
-from raysys.evaluate.tasks.common import Head, argmax_predictions, mlp_head, on_pooled, single_image_batch
+from raysys.evaluate.tasks.common import (
+    Head,
+    argmax_predictions,
+    mlp_head,
+    on_pooled,
+    per_item,
+    single_image_batch,
+)
 from raysys.evaluate.tasks.formats import get_field, json_rows, load_json, peek, split_ok
 from raysys.evaluate.tasks.registry import Example, State, Task, TaskData, TaskHyper, register_task
 
@@ -187,7 +194,8 @@ def _metric(model: nn.Module, data: TaskData, tokenizer, state: State, batch_siz
     upper = [max((vqa_accuracy(a, ex.label) for a in _candidates(ex.label, state["vocab_index"])), default=0.0)
              for ex in data.examples]  # fmt: skip
     n = len(data.examples)
-    return {"vqa_accuracy": 100.0 * float(np.mean(accs)), "n_eval": n, "vocab_upper_bound": 100.0 * float(np.mean(upper))}
+    return {"vqa_accuracy": 100.0 * float(np.mean(accs)), "n_eval": n, "vocab_upper_bound": 100.0 * float(np.mean(upper)),
+            "per_item": per_item(data, 100.0 * np.asarray(accs))}  # fmt: skip
 
 
 TASK = register_task(Task(

