@@ -108,7 +108,8 @@ def plan(data: str | Path, cfg: PretrainConfig, recipe: Recipe, world: int = 1) 
     if n == 0:
         raise ContractError(root / TABLE, None, "image_id", "no images left for pre-training")
     size = max(1, min(cfg.window_images, -(-n // world)))
-    cuts = [(f, rows[a : a + size]) for f, rows in rows_per_file for a in range(0, len(rows), size)]
+    cuts = [(f, [int(r) for r in part]) for f, rows in rows_per_file  # near-equal windows: no 1-image tail
+            for part in np.array_split(np.asarray(rows, np.int64), -(-len(rows) // size))]  # fmt: skip
     if len(cuts) < world:
         raise ConfigError(f"workers: {world} workers but only {len(cuts)} windows of examples; use fewer workers")
     n_texts = _count_texts(root) if "text_pool" in needs else 0
