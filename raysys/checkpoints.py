@@ -91,17 +91,24 @@ def pickle_globals(data: bytes) -> list[str]:
     return names
 
 
+def local_model_path(src: str | os.PathLike, model_file: str = "model.pt") -> Path:
+    """The model file of a local checkpoint given as the file, a `file://` URI or a checkpoint
+    directory holding `model_file`; a one-line error when there is none."""
+    p = Path(str(src).removeprefix("file://")).expanduser()
+    if p.is_dir():
+        p = p / model_file
+    if not p.is_file():
+        raise ContractError(p, None, "checkpoint", "not found (expected model.pt or a checkpoint directory holding it)")
+    return p
+
+
 def check_checkpoint(src: str | os.PathLike, model_file: str = "model.pt") -> None:
     """Refuse a local checkpoint that is missing or not safe, in milliseconds, before a command
     imports the model code and reads its data: `base` and URIs (checked once downloaded) pass."""
     s = str(src)
     if s == "base" or ("://" in s and not s.startswith("file://")):
         return
-    p = Path(s.removeprefix("file://")).expanduser()
-    if p.is_dir():
-        p = p / model_file
-    if not p.is_file():
-        raise ContractError(p, None, "checkpoint", "not found (expected model.pt or a checkpoint directory holding it)")
+    p = local_model_path(s, model_file)
     if p.stat().st_size == 0:
         raise ContractError(p, None, "checkpoint", f"{NOT_SAFE}, refused: the file is empty")
     try:

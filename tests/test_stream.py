@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
+from raysys.config import to_dict
 from raysys.contract import ContractError, read_table
 from raysys.corpus.assemble import ensure_examples
 from raysys.pretrain.config import PretrainConfig, TrainConfig
 from raysys.pretrain.recipes import resolve
-from raysys.pretrain.stream import Collate, plan, plan_json, rank_items, recipe_dict, total_micro
+from raysys.pretrain.stream import Collate, plan, plan_json, rank_items, total_micro
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,8 +82,7 @@ def test_max_images_and_exclude_eval(tiny):
 
 
 def _steps(data, cfg, p, items):
-    col = Collate(plan_json(p), __import__("raysys.config", fromlist=["to_dict"]).to_dict(cfg),
-                  recipe_dict(resolve(cfg)), cfg.seed)  # fmt: skip
+    col = Collate(plan_json(p), to_dict(cfg))
     return [(m, e, batches) for item in items for m, e, _, batches in col.steps(item)]
 
 

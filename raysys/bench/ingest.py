@@ -119,7 +119,7 @@ def collate_rate(data: Path, args: argparse.Namespace, seconds: float = 20.0) ->
                       window_images=args.window_images, seed=args.seed)  # fmt: skip
     p = plan(data, cfg, resolve(cfg), 1)
     n, t0 = 0, time.perf_counter()
-    for _, _, _, batches in local_rows(p, cfg, resolve(cfg), rank_items(p, cfg.seed, 0, 10**6)):
+    for _, _, _, batches in local_rows(p, cfg, rank_items(p, cfg.seed, 0, 10**6)):
         n += sum(int(b["input_ids"].shape[0]) for b in batches)
         if time.perf_counter() - t0 > seconds:
             break

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from raysys.checkpoints import local_model_path
 from raysys.config import ConfigError
 from raysys.contract import ContractError
 from raysys.pretrain.model import ModelConfig, VLModel, load_checkpoint, load_tokenizer
@@ -53,12 +54,7 @@ def local_model_file(src: str | os.PathLike) -> Iterator[Path]:
         with Checkpoint(s).as_directory() as d:
             yield Path(d) / MODEL_FILE
         return
-    p = Path(s.removeprefix("file://")).expanduser()
-    if p.is_dir():
-        p = p / MODEL_FILE
-    if not p.is_file():
-        raise ContractError(p, None, "checkpoint", "not found (expected model.pt or a checkpoint directory holding it)")
-    yield p
+    yield local_model_path(s, MODEL_FILE)
 
 
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def prepare_stream(
 def stream_feed(cfg: PretrainConfig, setup: Setup, sp: StreamPlan, plan: Plan, start: int = 0) -> StreamFeed:
     """This process's steps of the stream (the local loop's; a Ray Train worker reads Ray Data's)."""
     items = rank_items(sp, cfg.seed, 0, plan.total * plan.grad_accum, start * plan.grad_accum)
-    return StreamFeed(local_rows(sp, cfg, setup.recipe, items))
+    return StreamFeed(local_rows(sp, cfg, items))
 
 
 def stream_run_plan(cfg: PretrainConfig, sp: StreamPlan, steps: int | None = None) -> Plan:

@@ -672,10 +672,9 @@ def _stream_inputs(cfg: TrainConfig, data: Path, name: str, storage: str) -> tup
         return None
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # bars at a terminal, not in logs
     sp = stream_plan(data, cfg, resolve(cfg), cfg.workers)
-    start = resume_step(storage, name) * sp.grad_accum
-    recipe, end = resolve(cfg), total_micro(sp, cfg)
+    start, end = resume_step(storage, name) * sp.grad_accum, total_micro(sp, cfg)
     dcfg = dataclasses.replace(cfg, data_cpus=_data_cpus(cfg))
-    return sp, {dataset_name(r): stream_dataset(sp, dcfg, recipe, rank_items(sp, cfg.seed, r, end, start))
+    return sp, {dataset_name(r): stream_dataset(sp, dcfg, rank_items(sp, cfg.seed, r, end, start))
                 for r in range(cfg.workers)}  # fmt: skip
 
 

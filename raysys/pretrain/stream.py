@@ -359,14 +359,12 @@ class Collate:
     micro-step: `micro`, `epoch` and `payload` (the step's batches, numpy, pickled: Ray moves
     the bytes through the object store as one column)."""
 
-    def __init__(self, plan_json: str, cfg_dict: dict[str, Any], recipe_dict: dict[str, Any], seed: int):
+    def __init__(self, plan_json: str, cfg_dict: dict[str, Any]):
         from raysys.pretrain.model import load_tokenizer  # lazy: transformers in the actor, not the driver
 
         self.plan = plan_from_json(plan_json)
         self.cfg = rconfig.from_dict(TrainConfig, cfg_dict)
-        self.recipe = Recipe(**{**recipe_dict, "granularities": tuple(recipe_dict["granularities"])})
-        resolve(self.cfg)  # a recipe's own granularities (e.g. mvptr) register when it resolves
-        self.seed = seed
+        self.recipe = resolve(self.cfg)  # resolving also registers a recipe's own granularities (e.g. mvptr)
         self.tok = load_tokenizer(self.cfg.model_path)
         self.needs = corpus_needs(list(self.recipe.granularities), self.recipe.options)
 
@@ -375,7 +373,7 @@ class Collate:
         arrays; the first step carries the number of examples rows its window read."""
         w = self.plan.windows[item.window]
         corpus = window_corpus(Path(self.plan.data), w.file, w.rows, self.cfg, self.needs, (w.t0, w.t1))
-        key = f"{self.seed}/{item.epoch}/{item.window}/{item.cycle}"
+        key = f"{self.cfg.seed}/{item.epoch}/{item.window}/{item.cycle}"
         streams = {g: GranularityStream(GRANULARITIES[g](corpus, self.tok, self.cfg), self.cfg.batch_size, key)
                    for g in self.recipe.granularities if granularity_size(corpus, g, self.cfg)}  # fmt: skip
         mixer = make_mixer(self.recipe.mixing, list(streams), {g: len(s) for g, s in streams.items()}, zlib.crc32(key.encode()))
@@ -416,14 +414,11 @@ def total_micro(p: StreamPlan, cfg: PretrainConfig, steps: int | None = None) ->
     return (steps if steps is not None else (cfg.steps or cfg.epochs * p.per_epoch)) * p.grad_accum
 
 
-def recipe_dict(r: Recipe) -> dict[str, Any]:
-    return asdict(r)
-
 
 # ---------------------------------------------------------------- the Ray Data pipeline of one rank
 
 
-def dataset(p: StreamPlan, cfg: PretrainConfig, recipe: Recipe, items: list[Item]):
+def dataset(p: StreamPlan, cfg: PretrainConfig, items: list[Item]):
     """Rank's items → its steps, as a Ray Data dataset: one input block per item, a pool of
     `data_actors` actors of `data_cpus` CPUs each running `Collate`, order preserved (the rank
     trains on its steps in order)."""
@@ -433,7 +428,7 @@ def dataset(p: StreamPlan, cfg: PretrainConfig, recipe: Recipe, items: list[Item
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     return ds.map_batches(
         Collate, batch_size=1, batch_format="numpy", zero_copy_batch=True,
-        fn_constructor_args=(plan_json(p), rconfig.to_dict(cfg), recipe_dict(recipe), cfg.seed),
+        fn_constructor_args=(plan_json(p), rconfig.to_dict(cfg)),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.data_actors)), num_cpus=cfg.data_cpus,
     )  # fmt: skip
 
@@ -479,8 +474,8 @@ def ray_rows(iterator, prefetch: int) -> Iterator[tuple[int, int, int, list[dict
         yield int(b["micro"][0]), int(b["epoch"][0]), int(b["rows"][0]), pickle.loads(b["payload"][0])
 
 
-def local_rows(p: StreamPlan, cfg: PretrainConfig, recipe: Recipe, items: list[Item]):
+def local_rows(p: StreamPlan, cfg: PretrainConfig, items: list[Item]):
     """The same steps in this process (`raysys pretrain --local`): `Collate` without Ray."""
-    col = Collate(plan_json(p), rconfig.to_dict(cfg), recipe_dict(recipe), cfg.seed)
+    col = Collate(plan_json(p), rconfig.to_dict(cfg))
     for item in items:
         yield from col.steps(item)
