@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raysys import config
+from raysys import config, progress
 from raysys.cli import quiet_loggers, run_guarded
 from raysys.env import apply_offline_env
 from raysys.raycluster import connect_ray
@@ -59,7 +59,7 @@ def setup(args: argparse.Namespace) -> None:
     apply_offline_env()
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=progress.LOG_FORMAT,
         stream=sys.stderr,
     )
     quiet_loggers(getattr(args, "verbose", False))

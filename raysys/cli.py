@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import yaml
 
+from raysys import progress
 from raysys.config import ConfigError
 from raysys.env import apply_offline_env
 from raysys.plugins import load_plugins
@@ -165,11 +166,19 @@ def _quiet_exit() -> None:
         ray.shutdown()
 
 
+# Library chatter that every run prints: faiss's loader (tries AVX512, then AVX2, ...), Ray's note
+# that token authentication is on (it is, by design: docs/cluster.md), MLflow creating its tables.
+QUIET_LOGGERS = {"faiss.loader": logging.WARNING, "ray._private.authentication": logging.ERROR,
+                 "mlflow.store.db.utils": logging.WARNING}
+
+
 def quiet_loggers(verbose: bool = False) -> None:
-    """Library start-up chatter (faiss's loader tries AVX512, then AVX2, ...) is debug output: an
-    error stays the only line a failed command prints."""
+    """Library start-up chatter (`QUIET_LOGGERS`) is debug output: an error stays the only line a
+    failed command prints. Progress bars follow one rule (`raysys.progress`)."""
+    progress.apply_env()
     if not verbose:
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=progress.LOG_FORMAT,
         stream=sys.stderr,
     )
     quiet_loggers(args.verbose)

@@ -12,10 +12,13 @@ recorded on this node; a job attaches first, and the stages' `ensure_ray` then r
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+from raysys import progress
 
 
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False, object_store_mb: int = 512) -> bool:
@@ -27,17 +30,26 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False, obje
 
     if ray.is_initialized():
         return False
+    progress.configure_ray()  # progress bars and Ray's log format follow raysys's rule (raysys.progress)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver)
+        ray.init(log_to_driver=log_to_driver, logging_format=progress.LOG_FORMAT)
+        progress.after_ray_init(_verbose())
         return True
     ray.init(
+        logging_format=progress.LOG_FORMAT,
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=log_to_driver,
         object_store_memory=object_store_mb * 2**20,
         _temp_dir=os.environ.get("RAYSYS_RAY_TMP", f"/tmp/raysys-{getpass.getuser()}"),
     )
+    progress.after_ray_init(_verbose())
     return True
+
+
+def _verbose() -> bool:
+    """`-v` (the root logger at DEBUG) keeps every line Ray streams from its workers."""
+    return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
 
 
 def _bootstrap_address() -> str | None:
@@ -69,18 +81,27 @@ def connect_ray(address: str | None = None) -> str:
 
     if ray.is_initialized():
         return "already connected"
+    progress.configure_ray()
+    where = _connect(address)
+    progress.after_ray_init(_verbose())
+    return where
+
+
+def _connect(address: str | None) -> str:
+    import ray  # lazy: ~2 s; see ensure_ray
+
     if address in (None, "", "auto"):
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address="auto")  # "auto" reads RAY_ADDRESS first
+            ray.init(address="auto", logging_format=progress.LOG_FORMAT)  # "auto" reads RAY_ADDRESS first
             return f"cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
         boot = _bootstrap_address()
         if boot:
-            ray.init(address=boot)
+            ray.init(address=boot, logging_format=progress.LOG_FORMAT)
             return f"cluster at {boot} (started by `ray start` on this node)"
         address = "local"
     if address == "local":
         tmp = os.environ.get("RAYSYS_RAY_TMP") or tempfile.mkdtemp(prefix="rsj-", dir="/tmp")
-        ray.init(include_dashboard=False, _temp_dir=tmp)
+        ray.init(include_dashboard=False, _temp_dir=tmp, logging_format=progress.LOG_FORMAT)
         return f"new local Ray (temp dir {tmp})"
-    ray.init(address=address)
+    ray.init(address=address, logging_format=progress.LOG_FORMAT)
     return f"cluster at {address}"

@@ -3,10 +3,12 @@
 Why a module of its own: each stage needs the same four decisions, and they must agree so that one
 MLflow UI shows the whole project —
 
-- **where** runs go: any tracking URI from config; by default `sqlite:///<dir>/mlflow.db` next to
+- **where** runs go, one rule for every command (`resolve_tracking_uri`): `MLFLOW_TRACKING_URI`
+  when set, else the config's `tracking_uri`, else `sqlite:///<storage or out>/mlflow.db` next to
   the stage's output (MLflow 3's `file:` store refuses to work without an opt-in, and a sqlite file
-  travels with the run directory). Artifacts of a sqlite store default to `<dir>/mlartifacts`,
-  not MLflow's `./mlartifacts` of whatever the current directory happens to be;
+  travels with the run directory); `tracking_uri=none` switches tracking off. Artifacts of a
+  sqlite store default to `<dir>/mlartifacts`, not MLflow's `./mlartifacts` of whatever the
+  current directory happens to be;
 - **what** a config becomes: flattened dotted keys (`world.images`), values as short strings;
 - **which** run a re-run continues: a run is found again by a *link key* tag (e.g. the Ray Train
   storage path + run name), so a resumed or restarted job logs into the run it started instead
@@ -45,6 +47,7 @@ MAX_KEY_LEN = 250
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 OFF = ("none", "off", "false", "disabled")
+ENV_VAR = "MLFLOW_TRACKING_URI"
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -58,29 +61,63 @@ def default_tracking_uri(base: str | os.PathLike) -> str:
     return f"sqlite:///{p / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(uri: str | None, base: str | os.PathLike | None) -> str | None:
-    """The URI to log to: `uri` when given, None when tracking is switched off (`none`/`off`),
-    else the sqlite default under `base` (a local directory; a remote `base` such as s3:// has no
-    place for a sqlite file, so the default then falls back to the current directory)."""
+def resolve_tracking_uri(uri: str | None, base: str | os.PathLike | None, recorded: str | None = None) -> str | None:
+    """The MLflow store of every raysys command, by one rule:
+
+    1. `uri` is `none`/`off`: None, tracking is off (a switch, not a store: it beats the
+       environment, so a sweep's trials and the benches stay out of the user's store);
+    2. `MLFLOW_TRACKING_URI` when set (the variable MLflow itself reads, so `mlflow ui` and raysys
+       agree without flags);
+    3. `uri`, the config's `tracking_uri`;
+    4. `recorded`, the store a checkpoint's pre-training run used (evaluations land beside it);
+    5. `sqlite:///<base>/mlflow.db`, `base` being the command's storage or `--out` directory (a
+       remote `base` such as s3:// has no place for a sqlite file: the current directory then).
+    """
     if uri and uri.strip().lower() in OFF:
         return None
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return env
     if uri:
         return uri
+    if recorded:
+        return recorded
     if base is None or is_uri(base):
         base = Path.cwd()
     return default_tracking_uri(base)
 
 
+def require_store(uri: str) -> str:
+    """`uri` when it names an existing store. A reader (`raysys report`) must not conjure an empty
+    store out of a typo: MLflow creates a missing sqlite file or file-store directory on first
+    touch. Remote stores (http, databricks, …) are checked by MLflow itself."""
+    path = sqlite_path(uri)
+    if path is None and uri.startswith("file:"):
+        path = Path(uri.removeprefix("file://").removeprefix("file:"))
+    elif path is None and not is_uri(uri):
+        path = Path(uri)
+    if path is not None and not path.exists():
+        raise rconfig.ConfigError(f"{redact(uri)}: no MLflow store there ({path} does not exist)")
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///…` store (`sqlite:////abs` and `sqlite:///rel` alike), else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
 def sqlite_dir(uri: str) -> Path | None:
     """The directory holding a `sqlite:///…` store's file (for its artifacts), else None."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent
-    return None
+    path = sqlite_path(uri)
+    return path.parent if path is not None else None
 
 
 def describe(uri: str, run_id: str, experiment: str | None = None) -> str:
     """One line telling a user where a run is and how to look at it."""
     where = f"run {run_id}" + (f" in experiment '{experiment}'" if experiment else "")
+    uri = redact(uri)
     return f"MLflow: {where} at {uri}  (view: mlflow ui --backend-store-uri {uri})"
 
 
@@ -303,6 +340,38 @@ def log_model_files(uri: str, run_id: str, files: Iterable[str | os.PathLike], n
     c.finalize_logged_model(model.model_id, "READY")
     c.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     return model.model_id
+
+
+def start_pretrain_run(uri: str, experiment: str, name: str, params: Mapping[str, Any], data: str | os.PathLike,
+                       tags: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """A new pre-training run of `raysys pretrain --local`, recorded like a Ray Train one: the
+    config as params (a tracking URI's password redacted), `raysys.stage=pretrain`, the source
+    tags and the dataset as an input. Returns the run id."""
+    params = dict(params)
+    if "tracking_uri" in params:
+        params["tracking_uri"] = redact(str(params["tracking_uri"]))
+    run_id, _ = start_run(uri, experiment, run_name=name, params=params, reopen=False,
+                          tags={"raysys.stage": "pretrain", "raysys.name": name, **source_tags(), **(tags or {})})  # fmt: skip
+    log_dataset(uri, run_id, data)
+    return run_id
+
+
+def finish_pretrain_run(uri: str, run_id: str, history: Iterable[Mapping[str, Any]], summary: Mapping[str, Any],
+                        files: Iterable[str | os.PathLike] = ()) -> None:  # fmt: skip
+    """The local run's per-step components (step = the optimizer step), its summary numbers, the
+    loss curve, the config and model files (as artifacts and as a logged model), then FINISHED."""
+    with MetricBuffer(uri, run_id) as buf:
+        for row in history:
+            buf.add({k: v for k, v in row.items() if k != "step"}, int(row.get("step", 0)))
+        buf.add({k: v for k, v in summary.items() if k in ("steps", "updates", "epochs", "final_loss",
+                                                           "final_loss_mean10", "samples_per_s")}, 0)  # fmt: skip
+    files = [Path(f) for f in files if Path(f).exists()]
+    log_tags(uri, run_id, {"raysys.complete": "true", "raysys.steps": str(summary.get("steps"))})
+    log_loss_curve(uri, run_id, ["loss"])
+    if files:
+        log_artifacts(uri, run_id, [f for f in files if f.suffix != ".pt"])
+        log_model_files(uri, run_id, files, params={"recipe": summary.get("recipe", ""), "steps": summary.get("steps")})
+    end_run(uri, run_id, "FINISHED")
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

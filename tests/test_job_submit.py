@@ -244,7 +244,9 @@ def test_pipeline_job_submitted_to_a_loopback_cluster(own_cluster, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=pre["tracking_uri"])
     run = client.get_run(pre["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert "zeroshot.t2i_r5" in run.data.metrics and "zeroshot.base.t2i_r5" in run.data.metrics
+    zs = client.get_run(summary["zeroshot"]["mlflow"]["run_id"])  # the evaluation: a child of the pre-training run
+    assert zs.data.tags["mlflow.parentRunId"] == run.info.run_id and run.data.tags["raysys.stage"] == "pretrain"
+    assert "zeroshot.t2i_r5" in zs.data.metrics and "zeroshot.base.t2i_r5" in zs.data.metrics
     assert {"pretrained", "base"} <= set(summary["zeroshot"])
     report = (out / "report.md").read_text()
     assert summary["report"] == {"path": str(out / "report.md"), "mlflow_artifact": True, "seconds": summary["report"]["seconds"]}

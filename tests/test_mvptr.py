@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from _pretrain_fixtures import make_tiny_dataset, tiny_bert_folder
 
+from raysys.checkpoints import local_model_path
 from raysys.cli import main
 from raysys.config import ConfigError
 from raysys.corpus.concepts import build_concepts, load_spacy, read_concepts, sentence_concepts
+from raysys.corpus.embedding import read_embeddings
+from raysys.evaluate.downstream import load_images
+from raysys.evaluate.towers import embed_tower_images
 from raysys.evaluate.zeroshot import REQUIRED_KEYS, ZeroShotConfig, evaluate_zeroshot
 from raysys.experiments.export import export_checkpoint, fixed_batch, load_exported
 from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, load_tokenizer, save_checkpoint
@@ -216,3 +222,89 @@ def test_a_two_stage_checkpoint_exports_and_reloads(mvptr_ckpt, tmp_path):
     batch = fixed_batch(model, load_tokenizer(model.cfg.model_path))
     with torch.no_grad():
         torch.testing.assert_close(back(batch)["itm_logits"], model.eval()(batch)["itm_logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_retrieve_with_the_towers_of_a_two_stage_checkpoint(ray_session, tiny, mvptr_ckpt, tmp_path, capsys):
+    """`raysys retrieve --encoder CKPT`: the stored vectors are the towers' own, each image's rank-0
+    text is its highest-cosine one, the provenance names the checkpoint, and a re-run resumes."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny[0], data)
+    args = ["retrieve", "--data", str(data), "--encoder", str(mvptr_ckpt), "--k", "3", "--shards", "1"]
+    capsys.readouterr()
+    assert main(args) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["embed"]["images"]["encoder"].startswith("towers:") and rep["embed"]["images"]["computed"] == 1
+    img_ids, img = read_embeddings(data, "images")
+    txt_ids, txt = read_embeddings(data, "texts")
+    assert len(img_ids) == 40 and len(txt_ids) == 120  # every image: the towers need no tag query
+    model, _ = load_checkpoint(mvptr_ckpt)
+    tok = load_tokenizer(model.cfg.model_path)
+    own = embed_tower_images(model.eval(), load_images(data, img_ids.to_pylist()[:5]), tok, 8, torch.device("cpu"))
+    np.testing.assert_allclose(img[:5], own, atol=1e-5)
+    pairs = pq.read_table(data / "pairs").to_pandas()
+    top = pairs[pairs["rank"] == 0].set_index("image_id")["text_id"]
+    best = np.asarray(txt_ids.to_pylist())[(img @ txt.T).argmax(1)]
+    assert (top.loc[img_ids.to_pylist()].to_numpy() == best).mean() >= 0.95  # ties may order differently
+    man = json.loads((data / "manifest.json").read_text())
+    assert [p for p in man["provenance"] if p["stage"] == "retrieval"][-1]["model"] == rep["embed"]["images"]["encoder"]
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["embed"]["images"]["computed"] == 0 and again["pairs_shards_computed"] == 0
+    single = tmp_path / "single.pt"
+    save_checkpoint(single, build_model(ModelConfig(model_path=str(tiny[1]), feature_dim=16, num_classes=6)))
+    assert main(["retrieve", "--data", str(data), "--encoder", str(single)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "single-stream" in err[0]
+
+
+TWO_STAGE_TERMS = {
+    "mvptr": ("mvptr.mcr", "mvptr.vsc", "mvptr.wpg", "mvptr.itm_hard", "mvptr.mlm"),
+    "muvla+vsc": ("is.vsc", "is.itm"),
+    # pair_epochs=1: epoch 1 adds images and texts alone (UNIMO-2's curriculum, on the stream)
+    "unimo2": ("unimo2_pairs.grounded", "unimo2_pairs.span_mlm", "unimo2_images.grounded", "unimo2_texts.span_mlm"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(TWO_STAGE_TERMS))
+def test_the_two_stage_recipes_train_on_ray_train(ray_session, tiny, recipe, tmp_path):
+    """Two DDP workers on the streamed input: every term of the recipe is logged, the checkpoint
+    records the two-stage encoder, and its towers rank (coarse=towers) like any checkpoint."""
+    from raysys.pretrain.config import TrainConfig, Unimo2Config
+    from raysys.pretrain.ray_train import fit
+
+    data, bert = tiny
+    cfg = TrainConfig(recipe=recipe, model_path=str(bert), steps=4, steps_per_epoch=2, batch_size=8, workers=2,
+                      cpus_per_worker=0.5, window_images=16, min_concept_count=3, tracking_uri="none",
+                      log_every=0, mixing="joint",  # joint: every step has each of the epoch's granularities
+                      unimo2=Unimo2Config(pair_epochs=1, grounded_k=4, dictionary_size=32))  # fmt: skip
+    res = fit(cfg, data, recipe.replace("+", "_"), tmp_path / "storage")
+    assert res["complete"] and res["steps"] == 4
+    for t in TWO_STAGE_TERMS[recipe]:
+        assert math.isfinite(res["components"].get(t, math.nan)), (t, sorted(res["components"]))
+    ckpt = local_model_path(res["checkpoint"])
+    model, extra = load_checkpoint(ckpt)
+    assert model.cfg.encoder == "two_stage" and extra["recipe"] == recipe
+    z = evaluate_zeroshot(str(ckpt), data, ZeroShotConfig(coarse="towers", mlflow=False))
+    assert z["encoder"] == "two_stage" and 0 <= z["t2i_r5"] <= 100
+
+
+def test_the_driver_builds_one_concept_vocabulary_for_every_window(tiny, tmp_path):
+    """Streamed `mvptr`: the plan (the driver, once) builds DATA/concepts.json at the run's
+    `min_concept_count`; a second plan reuses it; another count rebuilds it."""
+    from raysys.pretrain.config import PretrainConfig
+    from raysys.pretrain.recipes import resolve
+    from raysys.pretrain.stream import plan
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny[0], data, ignore=shutil.ignore_patterns("concepts.json"))
+    cfg = PretrainConfig(recipe="mvptr", min_concept_count=4, window_images=8)
+    plan(data, cfg, resolve(cfg))
+    f = data / "concepts.json"
+    first = f.stat().st_mtime_ns
+    assert json.loads(f.read_text())["min_count"] == 4 and read_concepts(data)
+    plan(data, cfg, resolve(cfg))
+    assert f.stat().st_mtime_ns == first
+    cfg5 = PretrainConfig(recipe="mvptr", min_concept_count=5, window_images=8)
+    plan(data, cfg5, resolve(cfg5))
+    assert json.loads(f.read_text())["min_count"] == 5

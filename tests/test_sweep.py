@@ -191,7 +191,7 @@ def test_trial_metric_config():
     assert {s["axis"] for s in specs} == {"recipe", "granularities", "w_itm", "mixing", "paired_ratio", "K"}
     assert len(ablation.seeds) >= 2 and ablation.metric == "ft.meta_average"
     assert {s["variant"] for s in specs if s["axis"] == "recipe"} == {"base", "random_pairs", "round_robin", "muvla",
-                                                                      "mvptr", "muvla+vsc"}  # fmt: skip
+                                                                      "mvptr", "muvla+vsc", "codis", "unimo2"}  # fmt: skip
     assert {s["variant"] for s in specs if s["axis"] == "granularities"} == {"R-T", "R-P", "I-S", "R-T+R-P",
                                                                              "R-T+R-P+I-S"}  # fmt: skip
 

@@ -227,6 +227,8 @@ def test_export_loads_with_transformers_and_raysys_with_the_same_logits(runs, tm
         assert main(["export", ckpt, "--out", str(out)]) == 0
     res = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert res["verified"] and {"config.json", "model.safetensors", "raysys_heads.safetensors", "tokenizer.json"} <= set(res["files"])
+    for f in ("model.safetensors", "raysys_heads.safetensors"):  # shared like the JSON beside them, not 0600
+        assert (out / f).stat().st_mode & 0o777 == 0o644, f
     ref, _ = load_checkpoint(Path(ckpt) / "model.pt")
     ref.eval()
     exp = load_exported(out)

@@ -91,7 +91,7 @@ def test_cli_base_prints_the_json_and_logs_to_mlflow(small_world, tmp_path, caps
     assert run.data.metrics["zeroshot.t2i_r5"] == pytest.approx(r["t2i_r5"]) and run.info.status == "FINISHED"
 
 
-def test_pipeline_stage_compares_with_base_in_the_pretraining_run(small_world, tiny_ckpt, tmp_path):
+def test_pipeline_stage_compares_with_base_in_a_child_of_the_pretraining_run(small_world, tiny_ckpt, tmp_path):
     import mlflow
 
     from raysys.evaluate.zeroshot import zeroshot_stage
@@ -107,9 +107,12 @@ def test_pipeline_stage_compares_with_base_in_the_pretraining_run(small_world, t
         _check(out[name], 3, 15)
     assert out["base"]["checkpoint"] == "base" and out["pretrained"]["checkpoint"] == str(tiny_ckpt.parent)
     assert out["margin_t2i_r5"] == pytest.approx(out["pretrained"]["t2i_r5"] - out["base"]["t2i_r5"])
-    m = c.get_run(parent).data.metrics
+    child = c.get_run(out["mlflow"]["run_id"])  # one new child run; the pre-training run is not written
+    assert child.data.tags["mlflow.parentRunId"] == parent and child.data.params["zeroshot.base.checkpoint"] == "base"
+    m = child.data.metrics
     assert m["zeroshot.t2i_r5"] == pytest.approx(out["pretrained"]["t2i_r5"])
     assert m["zeroshot.base.t2i_r5"] == pytest.approx(out["base"]["t2i_r5"])
+    assert not c.get_run(parent).data.metrics
     with pytest.raises(Exception, match="no pre-trained checkpoint"):
         zeroshot_stage(ZeroShotConfig(), small_world, {})
 

@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "startup": "raysys.bench.startup",
     "ingest": "raysys.bench.ingest",
     "towers": "raysys.bench.towers",
+    "grounding": "raysys.bench.grounding",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -54,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
         data["recipe"] = args.recipe
     if not args.local:  # Ray Train (TorchTrainer); its config adds the cluster keys to PretrainConfig
         return run_cli(args, data)
+    # the MLflow keys of TrainConfig, so one YAML serves --local and Ray Train
+    track_uri, experiment = str(data.pop("tracking_uri", "") or ""), str(data.pop("experiment", "") or "raysys-pretrain")
     cfg = config.from_dict(PretrainConfig, data)
     if args.dry_run:
         print(config.dump(cfg), end="")
         return 0
-    from raysys.pretrain.loop import train_local  # lazy: torch; keeps raysys --help fast
-
+    if args.steps is not None:  # recorded as run (params and pretrain.yaml alike)
+        cfg = dataclasses.replace(cfg, steps=args.steps)
     with output_lock(args.out) if args.out else contextlib.nullcontext():  # one run per --out
-        result = train_local(cfg, args.data, out=args.out, steps=args.steps)
+        result = _train_local_tracked(cfg, args, track_uri, experiment)
     history = result.pop("history")
     if args.history:
         from raysys.contract import write_text_atomic
@@ -69,6 +72,35 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(args.history, "".join(json.dumps(h) + "\n" for h in history))
     print(json.dumps(result))
     return 0
+
+
+def _train_local_tracked(cfg: PretrainConfig, args: argparse.Namespace, track_uri: str, experiment: str) -> dict[str, Any]:
+    """`train_local`, recorded in MLflow like a Ray Train run (raysys.tracking's one store rule,
+    `--out` the default store's directory). Without `--out` and with no store configured there is
+    no checkpoint to evaluate and nothing is recorded; the checkpoint names its run, so
+    evaluations find their parent."""
+    from raysys import tracking  # lazy: keeps raysys --help fast
+    from raysys.pretrain.loop import train_local  # lazy: torch; keeps raysys --help fast
+
+    explicit = track_uri or os.environ.get(tracking.ENV_VAR)
+    uri = tracking.resolve_tracking_uri(track_uri, args.out) if (args.out or explicit) else None
+    if uri is None:
+        return train_local(cfg, args.data, out=args.out, steps=args.steps)
+    out = Path(args.out).resolve() if args.out else None
+    params = {**config.to_dict(cfg), "data": str(Path(args.data).resolve()), "tracking_uri": track_uri, "local": True}
+    run_id = tracking.start_pretrain_run(uri, experiment, out.name if out else "pretrain-local", params, args.data,
+                                         tags={"raysys.checkpoint": str(out)} if out else None)  # fmt: skip
+    try:
+        result = train_local(cfg, args.data, out=args.out, steps=args.steps,
+                             extra={"mlflow_run_id": run_id, "tracking_uri": uri})  # fmt: skip
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    files = [out / "model.pt", out / "pretrain.yaml"] if out else []
+    tracking.finish_pretrain_run(uri, run_id, result["history"], result, files)
+    print(tracking.describe(uri, run_id, experiment), file=sys.stderr)
+    result.update(mlflow_run_id=run_id, tracking_uri=tracking.redact(uri), experiment=experiment)
+    return result
 
 
 def run_cli(args: argparse.Namespace, data: dict[str, Any]) -> int:
@@ -103,9 +135,10 @@ def run_cli(args: argparse.Namespace, data: dict[str, Any]) -> int:
 
             ray.shutdown()
     if result["tracking_uri"]:
-        from raysys.tracking import describe
+        from raysys.tracking import describe, redact  # lazy: keeps raysys --help fast
 
         print(describe(result["tracking_uri"], result["mlflow_run_id"], result["experiment"]), file=sys.stderr)
+        result["tracking_uri"] = redact(result["tracking_uri"])  # the printed line never holds a password
     print(json.dumps(result))
     return 0
 

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default=None, help="faiss index_factory string (default Flat = exact; e.g. IVF1024,Flat)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (HNSW: efSearch)")
     p.add_argument("--model", default=None, help="sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--encoder", default=None, metavar="CHECKPOINT",
+                   help="embed with a two-stage checkpoint's towers instead (a second round of corpus building)")  # fmt: skip
     p.set_defaults(func=_retrieve)
 
     p = sub.add_parser("phrases", help="noun phrases of retrieved sentences linked to regions → DIR/phrases/")
@@ -134,9 +136,14 @@ def _retrieve(args: argparse.Namespace) -> int:
 
     cfg = _retrieval_cfg(args, {"k": "k", "shards": "shards", "backend": "backend", "index": "index", "nprobe": "nprobe",
                                 "model": "embed.model"})
+    encoder = None
+    if args.encoder:
+        from raysys.evaluate.towers import TowerEncoder
+
+        encoder = TowerEncoder(args.encoder, batch_size=cfg.embed.batch_size)
     if args.dry_run:
         return _dry_run(cfg)
-    return _print(_with_ray(args, lambda: retrieve(args.data, cfg)))
+    return _print(_with_ray(args, lambda: retrieve(args.data, cfg, encoder=encoder)))
 
 
 def _phrases(args: argparse.Namespace) -> int:

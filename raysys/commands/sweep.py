@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from raysys import config
 
@@ -17,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="write report.md + PNG plots (tables, bootstrap intervals, the paper's directions) from a sweep's MLflow experiment")
-    p.add_argument("--tracking-uri", required=True, help="e.g. sqlite:///sweeps/demo/mlflow.db")
+    p.add_argument("--tracking-uri", default=None,
+                   help="the sweep's store, e.g. sqlite:///sweeps/demo/mlflow.db (default: MLFLOW_TRACKING_URI); "
+                   "a sqlite file that does not exist is an error")  # fmt: skip
     p.add_argument("--experiment", required=True, help="the sweep's MLflow experiment name")
     p.add_argument("--out", required=True, help="directory for report.md and the plots")
     p.set_defaults(func=_report)
@@ -40,5 +43,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from raysys.experiments.report import write_report  # lazy: keeps raysys --help fast
 
-    print(json.dumps(write_report(args.tracking_uri, args.experiment, args.out)))
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise config.ConfigError("report: give --tracking-uri (the sweep's store) or set MLFLOW_TRACKING_URI")
+    print(json.dumps(write_report(uri, args.experiment, args.out)))
     return 0

@@ -130,3 +130,16 @@ def read_concepts(data: str | Path) -> list[str] | None:
     if not path.is_file():
         return None
     return [c["concept"] for c in json.loads(path.read_text())["concepts"]]
+
+
+def ensure_concepts(data: str | Path, min_count: int = DEFAULT_MIN_COUNT) -> bool:
+    """Build the vocabulary when the dataset has none, or has one kept at another `min_count`:
+    what `raysys pretrain` does (in the driver, once) for a recipe whose granularity matches
+    concepts, so every window and rank shares one vocabulary. True when it ran."""
+    root = Path(data)
+    entry = read_manifest(root).get("concepts") or {}
+    if read_concepts(root) is not None and int(entry.get("min_count", -1)) == int(min_count):
+        return False
+    log.info("building the concept vocabulary of %s (min_concept_count=%d)", root, min_count)
+    build_concepts(root, min_count)
+    return True

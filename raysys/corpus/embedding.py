@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys import progress
 from raysys.config import ConfigError
 from raysys.contract import ContractError, shard_files, shard_name, write_parquet_atomic, write_text_atomic
 from raysys.raycluster import ensure_ray
@@ -744,7 +745,8 @@ def _run(todo: dict[str, dict[str, Any]], cfg: EmbedConfig, on_shard: Callable[[
         ensure_ray()
         batches = iter(_dataset(todo, cfg).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
     try:
-        for batch in batches:
+        for batch in progress.track(batches, total=sum(n for _, n in where.values()), desc="embed", unit="row",
+                                    weight=lambda b: len(b["vector"])):  # fmt: skip
             vec = batch["vector"]
             if dim is None:  # the stage's first output: `raysys bench startup` times its start-up to here
                 log.info("embedding: first batch at the driver (%d rows)", len(vec))

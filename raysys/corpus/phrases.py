@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys import progress
 from raysys.contract import (
     PHRASES_SCHEMA,
     ContractError,
@@ -138,6 +139,12 @@ class Phraser:
         result["char_end"] = np.array(out["char_end"], np.int32)
         result["vector"] = vecs[[row[p] for p in out["phrase"]]] if out["phrase"] else np.zeros((0, vecs.shape[1]), np.float32)
         return result
+
+
+def _inputs(batch: dict[str, np.ndarray]) -> int:
+    """Input rows behind a `Phraser` output batch, for the progress bar: its distinct keys (a text
+    without a noun chunk has no output row, so this can only undercount)."""
+    return len(set(batch["key"].tolist()))
 
 
 def _phraser_kwargs(cfg: PhrasesConfig) -> dict[str, Any]:
@@ -254,7 +261,7 @@ def extract_phrases(
         phrase_rows: dict[str, list] = {"phrase": [], "char_start": [], "char_end": []}
         vec_parts: list[np.ndarray] = []
         n_rows = 0
-        for b in _run_phraser(items, cfg):
+        for b in progress.track(_run_phraser(items, cfg), total=items.num_rows, desc="phrases", unit="text", weight=_inputs):
             if not vec_parts and not tag_vec:  # the stage's first output: `raysys bench startup` times its start-up to here
                 log.info("phrases: first batch at the driver (%d rows)", len(b["kind"]))
             v = np.asarray(b["vector"], np.float32)

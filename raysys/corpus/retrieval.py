@@ -27,13 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysys import progress
 from raysys.config import ConfigError
 from raysys.contract import (
     PAIRS_SCHEMA,
@@ -62,6 +63,14 @@ from raysys.raycluster import ensure_ray
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND = "faiss"
+
+
+class Encoder(Protocol):
+    """What `retrieve(encoder=...)` calls instead of `embed`: writes `embeddings/{images,texts}/`."""
+
+    model_id: str
+
+    def __call__(self, data: Path, on_shard: Callable[[Path], None] | None) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -187,8 +196,10 @@ class ShardedIndex:
             raise
         self.n = sum(i["n"] for i in self.info)
 
-    def search(self, queries: np.ndarray, k: int, batch: int = 4096, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, global rows) of every query; `window` batches in flight overlap transfer and search."""
+    def search(self, queries: np.ndarray, k: int, batch: int = 4096, window: int = 2,
+               on_batch: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Top-k (scores, global rows) of every query; `window` batches in flight overlap transfer and
+        search. `on_batch(n)` after each batch of n queries is merged (a progress bar)."""
         import ray  # lazy: ~1 s that importers of the configs (raysys.experiments.pipeline) need not pay
 
         nq = len(queries)
@@ -201,6 +212,8 @@ class ShardedIndex:
             lo, hi, futs = flight.popleft()
             out = ray.get(futs)
             D[lo:hi], ix[lo:hi] = merge_topk([o[0] for o in out], [o[1] for o in out], k_eff)
+            if on_batch is not None:
+                on_batch(hi - lo)
 
         for lo in range(0, nq, batch):
             hi = min(nq, lo + batch)
@@ -293,20 +306,22 @@ def _search_shards(data: Path, cfg: RetrievalConfig, img_files: list[Path], txt_
     text_ids = _ids(txt_files)
     ranges = shard_ranges(len(text_ids), cfg.shards)
     loaders = [partial(read_vectors, txt_files, lo, hi) for lo, hi in ranges]
+    queries = sum(pq.read_metadata(img_files[i]).num_rows for i in pending)
     index = ShardedIndex(loaders, ranges, cfg.index_options(), cfg.backend, cfg.cpus_per_shard, cfg.gpu)
     try:
-        for i in pending:
-            f = img_files[i]
-            ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
-            if len(ids):
-                D, ix = index.search(read_vectors([f]), k, cfg.query_batch)
-            else:  # every image of this shard was untagged: an empty pairs shard
-                D, ix = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-            path = data / "pairs" / shard_name(i)
-            write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
-            log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))
-            if on_shard is not None:
-                on_shard(path)
+        with progress.bar(total=queries, desc="retrieve", unit="img") as bar:
+            for i in pending:
+                f = img_files[i]
+                ids = pq.read_table(f, columns=["id"]).column(0).combine_chunks()
+                if len(ids):
+                    D, ix = index.search(read_vectors([f]), k, cfg.query_batch, on_batch=bar.update)
+                else:  # every image of this shard was untagged: an empty pairs shard
+                    D, ix = np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+                path = data / "pairs" / shard_name(i)
+                write_parquet_atomic(pairs_table(ids, text_ids, D, ix), path)
+                log.info("retrieved pairs shard %d/%d", i + 1, len(img_files))
+                if on_shard is not None:
+                    on_shard(path)
     finally:
         index.close()
     return index.info
@@ -323,15 +338,22 @@ def _warn_k(k: int, n_texts: int, log_it: bool = True) -> str | None:
 
 
 def retrieve(
-    data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None
-) -> dict[str, Any]:
-    """Embed, search, write `pairs/` and the diagnostics; return the diagnostics report."""
+    data: str | Path, cfg: RetrievalConfig | None = None, on_shard: Callable[[Path], None] | None = None,
+    encoder: Encoder | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Embed, search, write `pairs/` and the diagnostics; return the diagnostics report.
+
+    `encoder`: embeds the images and texts instead of the sentence encoder (`embed`), e.g. a
+    two-stage checkpoint's towers for a second round (`raysys.evaluate.towers.TowerEncoder`); its
+    `model_id` names the embeddings and the pairs, so switching encoders recomputes both."""
     cfg = cfg or RetrievalConfig()
+    if encoder is not None:
+        cfg = replace(cfg, embed=replace(cfg.embed, model=encoder.model_id))
     cfg.check()
     data = Path(data)
     _warn_k(cfg.k, count_rows(data, "texts"))
     t0 = time.perf_counter()
-    emb = embed(data, cfg.embed, ("images", "texts"), on_shard)
+    emb = encoder(data, on_shard) if encoder is not None else embed(data, cfg.embed, ("images", "texts"), on_shard)
     t_embed = time.perf_counter() - t0
     img_files = shard_files(data / "embeddings", "images")
     txt_files = shard_files(data / "embeddings", "texts")

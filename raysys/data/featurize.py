@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raysys import config as configlib
+from raysys import progress
 from raysys.contract import (
     ContractError,
     ImageRecord,
@@ -532,7 +533,7 @@ def featurize(
         parts: dict[int, list[pa.Table]] = {s: [] for s in pending}
         seen = dict.fromkeys(pending, 0)
         try:
-            for table in stream:
+            for table in progress.track(stream, total=len(items), desc="featurize", unit="img", weight=len):
                 if cfg.strict:
                     _raise_first_failure(table)
                 for name in timing:

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from raysys import tracking
 from raysys.checkpoints import load_payload
 from raysys.contract import ContractError, read_manifest, shard_files
 from raysys.pretrain.granularities import Corpus, Sample, assemble, read_image_parts
@@ -253,10 +252,11 @@ def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 def score_pairs(model, corpus, tokenizer, tokens: list[np.ndarray], pair_img: np.ndarray, pair_txt: np.ndarray,
-                batch_size: int, device) -> np.ndarray:  # fmt: skip
+                batch_size: int, device, on_batch: Callable[[int], Any] | None = None) -> np.ndarray:  # fmt: skip
     """ITM match score (logit 1 − logit 0) of each (image, text) pair, in input order.
 
-    Pairs are sorted by text length inside the call so batches carry little padding."""
+    Pairs are sorted by text length inside the call so batches carry little padding. `on_batch(n)`
+    after each batch of n pairs (a progress bar)."""
     out = np.empty(len(pair_img), np.float32)
     lengths = np.array([len(tokens[t]) for t in pair_txt], np.int64) if len(pair_txt) else np.zeros(0, np.int64)
     order = np.argsort(lengths, kind="stable")
@@ -266,28 +266,18 @@ def score_pairs(model, corpus, tokenizer, tokens: list[np.ndarray], pair_img: np
             batch = pair_batch(corpus, tokenizer, [tokens[int(pair_txt[i])] for i in idx], [int(pair_img[i]) for i in idx])
             logits = model(to_device(batch, device))["itm_logits"].float()
             out[idx] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
     return out
 
 
 # ---------------------------------------------------------------- MLflow
 
 
-def tracking_uri(explicit: str = "", extra: dict[str, Any] | None = None) -> str:
-    """Where results go: the explicit URI, else MLFLOW_TRACKING_URI, else the checkpoint's run's
-    store, else `sqlite:///<cwd>/mlflow.db` (STACK-NOTES: the file store refuses to work)."""
-    if explicit:
-        return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if extra and extra.get("tracking_uri"):
-        return str(extra["tracking_uri"])
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def parent_run_id(explicit: str = "", extra: dict[str, Any] | None = None, uri: str = "", checkpoint: str = "") -> str:
     """The MLflow run that produced the checkpoint: explicit, else recorded in the checkpoint, else
-    the run of store `uri` whose `raysys.checkpoint` tag (set by Ray Train pre-training) names the
-    checkpoint's directory. "" when none is known."""
+    the run of store `uri` whose `raysys.checkpoint` tag (set by pre-training, local and Ray Train)
+    names the checkpoint's directory. "" when none is known."""
     if explicit:
         return explicit
     extra = extra or {}
@@ -296,17 +286,16 @@ def parent_run_id(explicit: str = "", extra: dict[str, Any] | None = None, uri: 
             return str(extra[k])
     if uri and checkpoint and checkpoint != BASE:
         try:
-            from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; mlflow=false runs skip it
-
-            c = MlflowClient(tracking_uri=uri)
-            where = str(Path(checkpoint).parent if checkpoint.endswith(MODEL_FILE) else checkpoint)
+            c = tracking.client(uri)
+            where = checkpoint if "://" in checkpoint else str(Path(checkpoint).resolve())
+            where = where.removesuffix("/" + MODEL_FILE)
             q = "tags.`raysys.checkpoint` = '" + where.replace("'", "''") + "'"
             exps = [e.experiment_id for e in c.search_experiments()]
             runs = c.search_runs(exps, filter_string=q, max_results=1) if exps else []
             if runs:
                 return runs[0].info.run_id
         except Exception as e:  # a store we cannot read must not stop an evaluation
-            log.debug("no parent run lookup in %s: %s", uri, e)
+            log.debug("no parent run lookup in %s: %s", tracking.redact(uri), e)
     return ""
 
 
@@ -330,41 +319,45 @@ def log_mlflow(
     metrics: dict[str, float],
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
-    run_id: str = "",
     parent: str = "",
     experiment: str = "raysys",
     run_name: str = "",
     artifacts: list[Path] | None = None,
     artifact_path: str = "evaluation",
+    history: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Log into run `run_id` when given (the checkpoint's own run), else into a new FINISHED run
-    linked to `parent` by the tags `raysys.parent_run_id` and `mlflow.parentRunId` (so the MLflow
-    UI nests it under the pre-training run) in the parent's experiment. Returns the run's ids."""
-    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; mlflow=false runs skip it
-    from mlflow.entities import Metric, Param, RunTag  # lazy: as above
-
-    client = MlflowClient(tracking_uri=uri)
-    if run_id:
-        rid = run_id
-    else:
-        if parent:
-            exp_id = client.get_run(parent).info.experiment_id
-        else:
-            exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-        run_tags = {"raysys.parent_run_id": parent, "mlflow.parentRunId": parent} if parent else {}
-        run_tags.update(tags or {})
-        rid = client.create_run(exp_id, run_name=run_name or None, tags=run_tags).info.run_id
-        tags = None
-    now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-    existing = set(client.get_run(rid).data.params) if run_id else set()
-    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items() if k not in existing]
-    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(ms), len(ps), len(ts), 1), 100):  # MLflow caps a batch at 1000 / 100 params
-        client.log_batch(rid, metrics=ms[i : i + 100], params=ps[i : i + 100], tags=ts[i : i + 100])
-    for a in artifacts or []:
-        client.log_artifact(rid, str(a), artifact_path=artifact_path)
-    if not run_id:
-        client.set_terminated(rid, "FINISHED")
-    return {"tracking_uri": uri, "run_id": rid, "parent_run_id": parent}
+    """One evaluation = one NEW, FINISHED MLflow run, a child of the pre-training run `parent`
+    (tags `mlflow.parentRunId`, which nests it in the MLflow UI, and `raysys.parent_run_id`) in
+    the parent's experiment. Why never the parent itself: the parent's tags (`raysys.stage`) and
+    params describe the pre-training, and a second evaluation with other settings would leave
+    metrics beside params they did not come from. A parent that is not in this store (the
+    checkpoint was recorded elsewhere) is named in a warning; the run is then not nested.
+    `history` rows (`step` + numbers) become per-step metrics. Returns the run's ids."""
+    c = tracking.client(uri)
+    exp_id = None
+    if parent:
+        try:
+            exp_id = c.get_run(parent).info.experiment_id
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception for a missing run
+            log.warning("MLflow: parent run %s is not in %s (%s): the evaluation run is not nested under it",
+                        parent, tracking.redact(uri), str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+            parent = ""
+    if exp_id is None:
+        root = tracking.sqlite_dir(uri)
+        exp_id = tracking.ensure_experiment(c, experiment, (root / "mlartifacts").as_uri() if root else None)
+    run_tags = {**tracking.source_tags(), **(tags or {})}
+    if parent:
+        run_tags.update({"raysys.parent_run_id": parent, "mlflow.parentRunId": parent})
+    rid = c.create_run(exp_id, run_name=run_name or None, tags=run_tags).info.run_id
+    try:
+        tracking.log_params(uri, rid, tracking.flatten_params(params or {}))
+        with tracking.MetricBuffer(uri, rid) as buf:
+            buf.add(metrics, 0)
+            for h in history or []:
+                buf.add({k: v for k, v in h.items() if k != "step"}, int(h["step"]))
+        tracking.log_artifacts(uri, rid, artifacts or [], artifact_path)
+    except BaseException:
+        tracking.end_run(uri, rid, "FAILED")
+        raise
+    tracking.end_run(uri, rid, "FINISHED")
+    return {"tracking_uri": tracking.redact(uri), "run_id": rid, "parent_run_id": parent}

@@ -24,8 +24,9 @@ Meta-average: the unweighted mean of the headline scores of VQA, NLVR2, VE and R
 tasks run (`raysys.evaluate.metrics.meta_average`, which reproduces the paper's Meta-Ave column).
 
 MLflow: each task is a new run tagged `raysys.parent_run_id` (and `mlflow.parentRunId`) = the
-checkpoint's pre-training run, holding the task's params, per-step loss and metrics; the headline
-metrics and the meta-average are also written into the parent run as `finetune.<task>.<metric>`.
+checkpoint's pre-training run, holding the task's params, per-step loss and metrics; a suite's
+meta-average is one more child run (`finetune-meta`). The pre-training run itself is never written:
+its tags and params describe the pre-training, and re-evaluating with other settings adds runs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysys import progress, tracking
 from raysys.config import ConfigError, to_dict
 from raysys.contract import ContractError, read_manifest
 from raysys.evaluate.downstream import (
@@ -58,7 +60,6 @@ from raysys.evaluate.downstream import (
     text_settings,
     to_device,
     tokenize,
-    tracking_uri,
 )
 from raysys.evaluate.metrics import META_TASKS, meta_average
 from raysys.evaluate.tasks import Encoded, Example, State, Task, TaskData, TaskHyper, get_task, read_task
@@ -231,7 +232,7 @@ def train_task(task: Task, p: Prepared, hp: TaskHyper, cfg: FinetuneConfig) -> t
     history: list[dict[str, float]] = []
     p.model.train()
     perm = rng.permutation(n_train)
-    for step in range(total):
+    for step in progress.track(range(total), desc=f"finetune {task.name}", unit="step"):
         b = step % per_epoch
         if b == 0 and step:
             perm = rng.permutation(n_train)
@@ -296,31 +297,30 @@ def finetune_task(checkpoint: str, run: TaskRun, cfg: FinetuneConfig, log_to_mlf
         params.update(task=task.name, checkpoint=str(checkpoint), train=",".join(run.train), eval=",".join(run.eval),
                       images=run.images, format=run.format, seed=cfg.seed, max_text_len=p.max_text_len,
                       max_regions=p.max_regions, steps_override=cfg.steps)  # fmt: skip
-        result["mlflow"] = _log_task(result, history, params, p.ck_extra, cfg)
+        info = _log_task(result, history, params, p.ck_extra, cfg)
+        if info is not None:
+            result["mlflow"] = info
     return result
 
 
 def _log_task(result: dict[str, Any], history: list[dict[str, float]], params: dict[str, Any],
-              ck_extra: dict[str, Any], cfg: FinetuneConfig) -> dict[str, str]:  # fmt: skip
-    """A new run linked to the checkpoint's run (per-step loss, params, metrics), plus the task's
-    headline metrics copied into the parent run."""
-    from mlflow import MlflowClient  # lazy: mlflow takes seconds to import; runs with mlflow=false skip it
-    from mlflow.entities import Metric  # lazy: as above
-
-    uri = tracking_uri(cfg.tracking_uri, ck_extra)
-    parent = parent_run_id(cfg.parent_run_id, ck_extra)
+              ck_extra: dict[str, Any], cfg: FinetuneConfig) -> dict[str, str] | None:  # fmt: skip
+    """The task's own new run, a child of the checkpoint's pre-training run: its params, per-step
+    loss and metrics. Nothing is written into the parent (its tags and params describe the
+    pre-training). None when tracking is off (`tracking_uri=none`)."""
+    uri = _store(cfg, ck_extra)
+    if uri is None:
+        return None
+    parent = parent_run_id(cfg.parent_run_id, ck_extra, uri, result["checkpoint"])
     task = result["task"]
     metrics = numeric({k: v for k, v in result.items() if k not in ("mlflow", "steps", "items")})
-    info = log_mlflow(uri, metrics=metrics, params=params, parent=parent, experiment=cfg.experiment,
+    return log_mlflow(uri, metrics=metrics, params=params, parent=parent, experiment=cfg.experiment, history=history,
                       run_name=f"finetune-{task}", tags={"raysys.stage": "finetune", "raysys.task": task})  # fmt: skip
-    client = MlflowClient(tracking_uri=uri)
-    now = int(time.time() * 1000)
-    steps = [Metric(k, v, now, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
-    for i in range(0, len(steps), 1000):
-        client.log_batch(info["run_id"], metrics=steps[i : i + 1000])
-    if parent:
-        log_mlflow(uri, metrics={f"finetune.{task}.{result['headline']}": float(result["score"])}, run_id=parent)
-    return info
+
+
+def _store(cfg: FinetuneConfig, ck_extra: dict[str, Any]) -> str | None:
+    """raysys.tracking's one rule; the checkpoint's recorded store before the default."""
+    return tracking.resolve_tracking_uri(cfg.tracking_uri, None, recorded=ck_extra.get("tracking_uri"))
 
 
 # ---------------------------------------------------------------- a suite of tasks
@@ -341,14 +341,23 @@ def run_finetune(checkpoint: str, cfg: FinetuneConfig, runs: list[TaskRun] | Non
     out["meta_average"] = round(meta_average(scores), 4) if in_meta else None
     out["meta_tasks"] = in_meta
     if cfg.mlflow and in_meta and len(results) > 1:
-        extra = checkpoint_extra(checkpoint)
-        parent = parent_run_id(cfg.parent_run_id, extra)
-        uri = tracking_uri(cfg.tracking_uri, extra)
-        children = {f"raysys.run.{t}": r["mlflow"]["run_id"] for t, r in results.items() if r.get("mlflow")}
-        metrics = {"finetune.meta_average": out["meta_average"], **{f"finetune.{t}.score": v for t, v in scores.items()}}
-        if parent:
-            out["mlflow"] = log_mlflow(uri, metrics=metrics, run_id=parent)
-        else:  # no pre-training run to report to: one summary run beside the task runs
-            out["mlflow"] = log_mlflow(uri, metrics=metrics, experiment=cfg.experiment, run_name="finetune-meta",
-                                       tags={"raysys.stage": "finetune", **children})  # fmt: skip
+        info = _log_meta(checkpoint, cfg, results, out)
+        if info is not None:
+            out["mlflow"] = info
     return out
+
+
+def _log_meta(checkpoint: str, cfg: FinetuneConfig, results: dict[str, Any], out: dict[str, Any]) -> dict[str, str] | None:
+    """The meta-average's own child run (beside the task runs, which its `raysys.run.<task>` tags
+    name): its params are the suite's shared settings, its metrics the scores they produced."""
+    extra = checkpoint_extra(checkpoint)
+    uri = _store(cfg, extra)
+    if uri is None:
+        return None
+    parent = parent_run_id(cfg.parent_run_id, extra, uri, checkpoint)
+    children = {f"raysys.run.{t}": r["mlflow"]["run_id"] for t, r in results.items() if r.get("mlflow")}
+    metrics = {"finetune.meta_average": out["meta_average"], **{f"finetune.{t}.score": v for t, v in out["scores"].items()}}
+    params = {"finetune.tasks": sorted(results), "finetune.meta_tasks": out["meta_tasks"], "finetune.checkpoint": checkpoint,
+              "finetune.steps_override": cfg.steps, "finetune.seed": cfg.seed}  # fmt: skip
+    return log_mlflow(uri, metrics=metrics, params=params, parent=parent, experiment=cfg.experiment,
+                      run_name="finetune-meta", tags={"raysys.stage": "finetune", **children})  # fmt: skip

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from raysys import progress, tracking
 from raysys.config import ConfigError, to_dict
 from raysys.contract import ContractError, iter_table, read_manifest, read_table, shard_files
 from raysys.corpus.embedding import encode_deterministic, query_string, read_embeddings
@@ -55,16 +55,14 @@ from raysys.evaluate.downstream import (
     local_checkpoint,
     log_mlflow,
     numeric,
-    pair_batch,
     parent_run_id,
     pick_device,
     score_pairs,
     text_settings,
-    to_device,
     tokenize,
-    tracking_uri,
 )
 from raysys.evaluate.metrics import TIE_POLICIES, TiePolicy, gold_ranks, rank_summary, roc_auc
+from raysys.evaluate.towers import embed_tower_images, embed_tower_texts
 from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, load_tokenizer
 from raysys.raycluster import ensure_ray
 
@@ -100,8 +98,8 @@ class ZeroShotConfig:
     model_path: str = ""  # backbone of `base` ("" = packaged MiniLM)
     base_layers: int = 0  # encoder layers of `base` (0 = all)
     seed: int = 0  # image sample and shuffled negatives
-    mlflow: bool = True  # log metrics (to the checkpoint's run, or a new run linked to it)
-    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, the checkpoint's, or sqlite:///./mlflow.db
+    mlflow: bool = True  # log each evaluation as a new child run of the checkpoint's pre-training run
+    tracking_uri: str = ""  # MLFLOW_TRACKING_URI wins; "" = the checkpoint's store, else sqlite:///./mlflow.db
     experiment: str = "raysys"  # experiment of a new run when the checkpoint has no run
     parent_run_id: str = ""  # "" = the run recorded in the checkpoint
     # coarse=towers (two-stage checkpoints): rank by the uni-modal towers' cosine
@@ -220,7 +218,8 @@ def _score_with_ray(source, corpus, tokens, pair_img, pair_txt, cfg: ZeroShotCon
         actors = [actor.remote(source, corpus_ref, tokens_ref, cfg.batch_size, threads, cfg.device) for _ in range(n)]
         log.info("zeroshot: %d pairs in %d chunks over %d Ray actors", len(pair_img), len(chunks), n)
         pool = ActorPool(actors)
-        parts = list(pool.map(lambda a, c: a.score.remote(*c), chunks))
+        parts = list(progress.track(pool.map(lambda a, c: a.score.remote(*c), chunks), total=len(pair_img),
+                                    desc="zeroshot", unit="pair", weight=len))  # fmt: skip
         for a in actors:
             ray.kill(a)
         return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), n
@@ -385,7 +384,9 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
         scores, workers = _score_with_ray(inp.source, inp.corpus, inp.tokens, pair_img, pair_txt, cfg)
     else:
         inp.model.to(device)
-        scores = score_pairs(inp.model, inp.corpus, inp.tokenizer, inp.tokens, pair_img, pair_txt, cfg.batch_size, device)
+        with progress.bar(total=len(pair_img), desc="zeroshot", unit="pair") as bar:
+            scores = score_pairs(inp.model, inp.corpus, inp.tokenizer, inp.tokens, pair_img, pair_txt, cfg.batch_size, device,
+                                 on_batch=bar.update)  # fmt: skip
     score_s = time.perf_counter() - t_score
     itm = np.full((n_img, T), np.nan, np.float64)
     itm[pair_img, pair_txt] = scores
@@ -411,26 +412,38 @@ def _evaluate(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotConfig,
         if isinstance(v, float) and k.endswith(("_r1", "_r5", "_r10", "_rank", "auc", "_recall", "r_mean")):
             result[k] = round(v, 4)
     if log_to_mlflow if log_to_mlflow is not None else cfg.mlflow:
-        result["mlflow"] = log_zeroshot(result, inp.extra, cfg, prefix="zeroshot.", local_path=checkpoint)
+        _attach(result, log_zeroshot({"zeroshot.": (result, cfg)}, inp.extra, cfg, local_path=checkpoint))
     return result
 
 
 BASE_NAME = "base"
 
 
-def log_zeroshot(result: dict[str, Any], extra: dict[str, Any], cfg: ZeroShotConfig, prefix: str = "zeroshot.",
-                 run_id: str | None = None, local_path: str = "") -> dict[str, str]:  # fmt: skip
-    """Metrics go to the checkpoint's own MLflow run when it has one, else to a new run."""
-    uri = tracking_uri(cfg.tracking_uri, extra)
-    explicit_store = bool(cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    parent = parent_run_id(cfg.parent_run_id, extra, uri if explicit_store else "", local_path or str(result.get("checkpoint", "")))
-    metrics = numeric({k: v for k, v in result.items() if k not in ("mlflow",)}, prefix)
-    params = {f"{prefix}{k}": v for k, v in to_dict(cfg).items() if k not in ("tracking_uri", "parent_run_id")}
-    params[f"{prefix}checkpoint"] = result.get("checkpoint")
-    target = run_id if run_id is not None else parent
-    return log_mlflow(uri, metrics=metrics, params=params, run_id=target, parent="" if target else parent,
-                      experiment=cfg.experiment, run_name=f"zeroshot-{result.get('model')}",
-                      tags={"raysys.stage": "zeroshot"})  # fmt: skip
+def log_zeroshot(rows: dict[str, tuple[dict[str, Any], ZeroShotConfig]], extra: dict[str, Any], cfg: ZeroShotConfig,
+                 local_path: str = "") -> dict[str, str] | None:  # fmt: skip
+    """One evaluation, one new MLflow run: a child of the checkpoint's pre-training run, holding
+    for each `prefix → (result, the config that produced it)` the result's numbers as metrics and
+    that config as params under the same prefix (`zeroshot.`; the stage's comparison adds
+    `zeroshot.base.`), so a run's params always describe its metrics. None when tracking is off."""
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri, None, recorded=extra.get("tracking_uri"))
+    if uri is None:
+        return None
+    first = next(iter(rows.values()))[0]
+    parent = parent_run_id(cfg.parent_run_id, extra, uri, local_path or str(first.get("checkpoint", "")))
+    metrics: dict[str, float] = {}
+    params: dict[str, Any] = {}
+    for prefix, (result, rcfg) in rows.items():
+        metrics.update(numeric({k: v for k, v in result.items() if k != "mlflow"}, prefix))
+        skip = ("tracking_uri", "parent_run_id", "mlflow", "experiment")
+        params.update({f"{prefix}{k}": v for k, v in to_dict(rcfg).items() if k not in skip})
+        params[f"{prefix}checkpoint"] = result.get("checkpoint")
+    return log_mlflow(uri, metrics=metrics, params=params, parent=parent, experiment=cfg.experiment,
+                      run_name=f"zeroshot-{first.get('model')}", tags={"raysys.stage": "zeroshot"})  # fmt: skip
+
+
+def _attach(result: dict[str, Any], info: dict[str, str] | None) -> None:
+    if info is not None:
+        result["mlflow"] = info
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -454,8 +467,8 @@ def zeroshot_stage(cfg: ZeroShotConfig, data: str | Path, pretrain: dict[str, An
     """The demo's last stage: the pre-trained checkpoint recorded by the pretrain stage and `base`
     (same number of encoder layers, fresh heads) on the same gold pairs; prints a small table.
 
-    Both results are logged into the pre-training run (`zeroshot.*` and `zeroshot.base.*`) when
-    the pretrain stage recorded one, else into new runs."""
+    Both results go into one new MLflow run (`zeroshot.*` and `zeroshot.base.*`, each with the
+    params that produced it), a child of the pretrain stage's run when it recorded one."""
     ckpt = pretrain.get("model") or pretrain.get("checkpoint")
     if not ckpt:
         raise ConfigError("zeroshot: no pre-trained checkpoint in summary['pretrain'] (run the pretrain stage first)")
@@ -474,10 +487,8 @@ def zeroshot_stage(cfg: ZeroShotConfig, data: str | Path, pretrain: dict[str, An
     print(table, flush=True)
     log.info("zero-shot retrieval, pre-trained vs base:\n%s", table)
     if cfg.mlflow:
-        run = cfg.parent_run_id or None
-        info = log_zeroshot(pre, extra, cfg, prefix="zeroshot.", run_id=run)
-        log_zeroshot(base, {}, cfg, prefix="zeroshot.base.", run_id=run or info["run_id"])
-        out["mlflow"] = info
+        rows = {"zeroshot.": (pre, cfg), "zeroshot.base.": (base, replace(cfg, base_layers=layers))}
+        _attach(out, log_zeroshot(rows, extra, cfg, local_path=str(ckpt)))
     return out
 
 
@@ -517,48 +528,11 @@ def name_of(checkpoint: str) -> str:
     return Path(checkpoint).name if checkpoint != BASE_NAME else BASE_NAME
 
 
-def image_tag_ids(corpus, tokenizer, with_tags: bool) -> torch.Tensor | None:
-    """(I, G, L) sub-word ids of each image's distinct detector tags (the visual tower's tag
-    concepts, as the `mvptr` granularity builds them), IGNORE-padded; None without tags."""
-    if not with_tags:
-        return None
-    rows = []
-    for i in range(corpus.n_images):
-        sl = corpus.regions(i)
-        seen: dict[int, str] = {}
-        for c, t in zip(corpus.class_ids[sl].tolist(), corpus.tags[sl]):
-            if c >= 0:
-                seen.setdefault(c, t)
-        rows.append([tokenizer(t, add_special_tokens=False)["input_ids"] for t in seen.values()])
-    G = max((len(r) for r in rows), default=0)
-    L = max((len(x) for r in rows for x in r), default=1)
-    out = torch.full((len(rows), G, L), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        for j, x in enumerate(r):
-            out[i, j, : len(x)] = torch.tensor(x)
-    return out
-
-
 def embed_towers(model, corpus, tokenizer, tokens: list[np.ndarray], batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
     """Unit-norm tower embeddings: (images (I, H), texts (T, H)). Images carry their tag concepts
     when the model was trained with them (MCR)."""
-    tags = image_tag_ids(corpus, tokenizer, "mcr" in model.cfg.objectives)
-    empty = np.zeros(0, np.int64)
-    img, txt = [], np.zeros((len(tokens), model.hidden_size), np.float32)
-    with torch.inference_mode():
-        for lo in range(0, corpus.n_images, batch_size):
-            idx = list(range(lo, min(lo + batch_size, corpus.n_images)))
-            batch = pair_batch(corpus, tokenizer, [empty] * len(idx), idx)
-            if tags is not None:
-                batch["vtag_ids"] = tags[idx]
-            img.append(model.image_embedding(to_device(batch, device)).cpu().numpy())
-        order = np.argsort([len(t) for t in tokens], kind="stable")
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            batch = pair_batch(corpus, tokenizer, [tokens[int(i)] for i in idx], [None] * len(idx))
-            txt[idx] = model.text_embedding(to_device(batch, device)).cpu().numpy()
-    images = np.concatenate(img) if img else np.zeros((0, model.hidden_size), np.float32)
-    return images, txt
+    return (embed_tower_images(model, corpus, tokenizer, batch_size, device),
+            embed_tower_texts(model, corpus, tokenizer, tokens, batch_size, device))  # fmt: skip
 
 
 def tower_candidates(sim: np.ndarray, es: EvalSet, cfg: ZeroShotConfig) -> Candidates:
@@ -643,5 +617,5 @@ def evaluate_towers(checkpoint: str, name: str, data: str | Path, cfg: ZeroShotC
         if isinstance(v, float) and k.endswith(("_r1", "_r5", "_r10", "_rank", "auc", "r_mean")):
             result[k] = round(v, 4)
     if log_to_mlflow if log_to_mlflow is not None else cfg.mlflow:
-        result["mlflow"] = log_zeroshot(result, extra, cfg, prefix="zeroshot.", local_path=checkpoint)
+        _attach(result, log_zeroshot({"zeroshot.": (result, cfg)}, extra, cfg, local_path=checkpoint))
     return result

@@ -83,6 +83,8 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, tokenizer:
         "extra": extra,
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    for f in tmp.glob("*.safetensors"):  # safetensors writes a private 0600 temp file and renames it:
+        f.chmod(0o644)  # an export is shared like the JSON beside it (readable, writable by its owner)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

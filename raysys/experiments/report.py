@@ -38,6 +38,8 @@ from typing import Any
 import mlflow
 import numpy as np
 
+from raysys import tracking
+from raysys.config import ConfigError
 from raysys.evaluate.metrics import META_TASKS
 
 AXIS_TITLES = {
@@ -100,10 +102,12 @@ def _items(client, run_id: str) -> dict[str, Any] | None:
 def load_runs(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], Any]:
     """Finished trial runs of the experiment as plain dicts (with their per-item suite scores),
     and the sweep's parent run (or None)."""
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking.require_store(tracking_uri))  # never a new empty store
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"{tracking_uri}: no MLflow experiment named {experiment!r}")
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(f"{tracking.redact(tracking_uri)}: no MLflow experiment named {experiment!r} "
+                          f"(experiments there: {', '.join(repr(n) for n in names) or 'none'})")  # fmt: skip
     runs, parent = [], None
     for r in client.search_runs([exp.experiment_id], max_results=50_000):
         tags = r.data.tags
@@ -417,8 +421,9 @@ def _intro(experiment: str, tracking_uri: str, runs: list[dict[str, Any]]) -> li
             "items; `Meta-Ave` is the paper's meta-average (VQA, NLVR2, VE, RefCOCO+), task columns are percent. "
             "Zero-shot (ZS) columns are `null` for recipes that do not train the ITM head."
             if ft else "Metrics are zero-shot image↔text retrieval on the held-out gold pairs.")  # fmt: skip
+    where = tracking.redact(tracking_uri)
     return [f"# Ablation report: {experiment}", "",
-            f"{len(runs)} finished trial runs from `{tracking_uri}`. {what} Cells are mean ± std over seeds (one seed: "
+            f"{len(runs)} finished trial runs from `{where}`. {what} Cells are mean ± std over seeds (one seed: "
             "no ±). `Δ vs base` is the meta-average difference from the `base` recipe with a 95 % paired bootstrap "
             f"interval over evaluation items ({BOOTSTRAP} resamples). A cell is bold only when the interval of its "
             "difference from the next best row excludes 0.", ""]  # fmt: skip
@@ -426,10 +431,11 @@ def _intro(experiment: str, tracking_uri: str, runs: list[dict[str, Any]]) -> li
 
 def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs, cp = load_runs(tracking_uri, experiment)
     if not runs:
-        raise ValueError(f"{tracking_uri}: experiment {experiment!r} has no finished trial runs tagged raysys.axis")
+        raise ConfigError(f"{tracking.redact(tracking_uri)}: experiment {experiment!r} has no finished trial runs "
+                          "tagged raysys.axis (is it a `raysys sweep` experiment?)")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused report leaves no directory
     tabs = tables(runs)
     base = _row(tabs, "recipe", "base")
     md = _intro(experiment, tracking_uri, runs)

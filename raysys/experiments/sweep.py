@@ -84,7 +84,7 @@ class SweepConfig:
 
     name: str = "sweep"
     experiment: str = ""  # MLflow experiment ("" = name)
-    tracking_uri: str = ""  # "" = sqlite:///<out>/mlflow.db
+    tracking_uri: str = ""  # MLFLOW_TRACKING_URI wins; "" = sqlite:///<out>/mlflow.db
     mode: Literal["axes", "grid"] = "axes"  # axes: one factor at a time (paper tables) | grid: cartesian product
     axes: dict[str, list[Any]] = field(default_factory=lambda: {"K": [1, 5, 10], "m": [0, 1]})
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -291,7 +291,10 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     specs = trial_specs(cfg)
     experiment = cfg.experiment or cfg.name
-    uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri, out)  # MLFLOW_TRACKING_URI, the config's, OUT/mlflow.db
+    if uri is None:
+        raise ConfigError(f"tracking_uri: {cfg.tracking_uri!r}: a sweep records its trials in MLflow (`raysys report` "
+                          "reads them); give a store or leave it empty for OUT/mlflow.db")  # fmt: skip
     base = rconfig.from_dict(TrainConfig, dict(cfg.pretrain))  # validates the shared config early
     for s in specs:
         rconfig.from_dict(TrainConfig, {**cfg.pretrain, **s["overrides"]})
@@ -321,7 +324,9 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
         # 3. Tune over function trials that each run a TorchTrainer.
         param_space = {
             "trial": tune.grid_search(specs),
-            "pretrain": dict(cfg.pretrain),
+            # Tune's MLflow callback logs the trial config as params: no password of a URI in them
+            "pretrain": {**cfg.pretrain, **({"tracking_uri": tracking.redact(str(cfg.pretrain["tracking_uri"]))}
+                                            if "tracking_uri" in cfg.pretrain else {})},
             "zeroshot": dict(cfg.zeroshot),
             "suite": rconfig.to_dict(rconfig.from_dict(SuiteConfig, dict(cfg.suite))),  # resolved: params record it
             "finetune": cfg.finetune,
@@ -356,7 +361,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
         done = [r for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
         best = max(done, key=lambda r: r[key]) if done else None
         tracking.end_run(uri, parent_id, "FINISHED")
-        result = {"experiment": experiment, "tracking_uri": uri, "trials": len(rows), "finished": len(done),
+        result = {"experiment": experiment, "tracking_uri": tracking.redact(uri), "trials": len(rows), "finished": len(done),
                   "errors": sum(r["error"] is not None for r in rows), "best": best, "out": str(out),
                   "data": str(data), "retrieval": summary.get("retrieval")}  # fmt: skip
         (out / "sweep_result.json").write_text(json.dumps({**result, "rows": rows}, indent=2, default=str))

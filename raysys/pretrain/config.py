@@ -18,6 +18,40 @@ Input = Literal["stream", "memory"]  # raysys.pretrain.stream (default) | granul
 
 
 @dataclass
+class CodisConfig:
+    """CODIS (papers/004) hyper-parameters, read by the `codebook` and `ica` objectives (the paper's
+    defaults; each field cites its equation)."""
+
+    codewords: int = 4096  # K, codewords of the codebook C (§3.1, Eq. 1–3: "4K")
+    dim: int = 256  # d_c, the joint space of the projected features and the codewords (§3.1, §3.2)
+    ema: float = 0.995  # α of the momentum teachers (Eq. 6)
+    queue_size: int = 65536  # M, teacher features per modality in the memory queues Q_v, Q_t (Eq. 4; §4.2)
+    temperature: float = 0.07  # γ of Eq. 2 and 4 (Algorithm 1's learnable `tmp`; ALBEF's initial value)
+    learn_temperature: bool = True  # γ is learned (Algorithm 1), clamped to [0.001, 0.5] as in ALBEF
+    ot_weight: float = 1.0  # weight of the OT regulariser L_ot in L_code (Eq. 3: 1)
+    ipot_eps: float = 0.5  # ε (β) of IPOT, A = exp(-D/ε) (Algorithm 2; not stated: UNITER's IPOT β)
+    ipot_iters: int = 50  # IPOT outer iterations (Algorithm 2; not stated: UNITER's 50)
+    ipot_inner: int = 1  # IPOT inner Sinkhorn steps per iteration (Algorithm 2's K; UNITER's 1)
+    distill: float = 0.4  # share of the teacher's soft targets y in Eq. 5's targets (rest: the true pair; ALBEF's 0.4)
+
+
+@dataclass
+class Unimo2Config:
+    """UNIMO-2 (papers/003) hyper-parameters, read by the `grounded` and `span_mlm` objectives, the
+    grounded fusion and the `unimo2` recipe's corpus curriculum (the paper's defaults; each field
+    cites its equation)."""
+
+    dictionary_size: int = 2048  # C: entries of the grounded dictionary G ∈ R^{C×D} (§3.1; §4.1 and App. A: 2048)
+    grounded_k: int = 100  # K: top-K grounded tokens by accumulated score s_j (Eq. 2; §4.1: 100)
+    beta: float = 0.25  # β: weight of the commitment term of L_GD (Eq. 3; §4.1: 0.25)
+    eta_init: float = 0.0  # η of Eq. 1 is learnable; the paper gives no start value: 0 = 1/√D (η·uᵀg ~ N(0, 1) at init)
+    span_p: float = 0.2  # span MLM: span length l ~ Geo(p) (§3.2: p = 0.2, after SpanBERT)
+    max_span: int = 10  # span MLM: lengths above this are resampled (SpanBERT's l_max = 10, which §3.2 follows)
+    mask_budget: float = 0.15  # span MLM: spans are drawn until this share of the tokens is selected (§3.2: 15 %)
+    pair_epochs: int = 20  # curriculum: epochs on (retrieved) pairs before images and texts alone join (§3.1: 20)
+
+
+@dataclass
 class PretrainConfig:
     """Every knob of pre-training; Tune addresses them by name (`m`, `granularities`, `k`, …)."""
 
@@ -59,6 +93,9 @@ class PretrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # objective → factor on its loss (absent = 1)
     encoder: Literal["single", "two_stage"] = "single"  # two_stage: uni-modal layers, then cross-modal (MVPTR)
     uni_layers: int = 0  # two_stage: backbone layers run per modality before the concatenation
+    fusion: Literal["full", "grounded"] = "full"  # grounded (UNIMO-2): text and regions meet only through grounded tokens
+    codis: CodisConfig = field(default_factory=CodisConfig)  # recipe codis
+    unimo2: Unimo2Config = field(default_factory=Unimo2Config)  # recipe unimo2
     min_concept_count: int = 50  # mvptr: a phrase concept is kept when ≥ this many sentences have it (MVPTR: 50)
     # optimisation
     batch_size: int = 32

@@ -97,6 +97,7 @@ def granularity_loss(
         part = part + (term * loss_weights[name] if name in loss_weights else term)
         if bool(res.valid.any()):
             logged.append((name, reduce_term(res).detach()))
+        logged += [(k, v.detach()) for k, v in (res.extras or {}).get("log", {}).items()]  # e.g. codebook_usage
     return part, logged
 
 

@@ -404,6 +404,10 @@ class GranularityDataset:
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def mlm_mask(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """BERT's MLM on a sentence: each token selected at `mlm_prob` (80/10/10)."""
+        return self.masker(ids, rng.random(len(ids)) < self.cfg.mlm_prob, rng)
+
     def sample(self, i: int, rng: np.random.Generator) -> Sample:
         raise NotImplementedError
 
@@ -557,22 +561,29 @@ class ImageSentenceDataset(GranularityDataset):
         return len(self.corpus.pair_text)
 
     def samples(self, indices: np.ndarray, rng: np.random.Generator) -> list[Sample]:
-        c = self.corpus
-        enc = self.encode([c.texts[c.pair_text[int(k)]] for k in indices])
-        out = []
-        for k, ids in zip(indices, enc["input_ids"]):
-            ids = np.array(ids, np.int64)
-            image = int(c.pair_image[int(k)])
-            negative = c.n_images > 1 and rng.random() < self.cfg.is_neg_prob
-            if negative:
-                other = int(rng.integers(0, c.n_images - 1))
-                image = other + (other >= image)  # any image but its own
-            new_ids, labels = self.masker(ids, rng.random(len(ids)) < self.cfg.mlm_prob, rng)
-            n = c.n_regions(image)
-            out.append(Sample(new_ids, labels, image, np.zeros(n, bool), np.full(n, IGNORE, np.int64),
-                              np.zeros(n, bool), itm_label=0 if negative else 1, eligible=not negative,
-                              clean_ids=ids, item=int(k)))  # fmt: skip
-        return out
+        return pair_samples(self, indices, rng, self.mlm_mask, negatives=True)
+
+
+def pair_samples(ds: GranularityDataset, indices: np.ndarray, rng: np.random.Generator, mask, negatives: bool) -> list[Sample]:
+    """Samples of retrieved pairs `indices` of `ds.corpus`: the sentence masked by `mask(ids, rng)
+    -> (input ids, labels)`, its regions unmasked. `negatives`: with `is_neg_prob` the text is
+    paired with a random other image instead (ITM label 0, not w_ITM-eligible), else label 1; I-S's
+    and the pair granularities of other recipes (`codis`, `unimo2_pairs`) share this."""
+    c = ds.corpus
+    enc = ds.encode([c.texts[c.pair_text[int(k)]] for k in indices])
+    out = []
+    for k, ids in zip(indices, enc["input_ids"]):
+        ids = np.array(ids, np.int64)
+        image = int(c.pair_image[int(k)])
+        negative = negatives and c.n_images > 1 and rng.random() < ds.cfg.is_neg_prob
+        if negative:
+            other = int(rng.integers(0, c.n_images - 1))
+            image = other + (other >= image)  # any image but its own
+        new_ids, labels = mask(ids, rng)
+        n = c.n_regions(image)
+        out.append(Sample(new_ids, labels, image, np.zeros(n, bool), np.full(n, IGNORE, np.int64), np.zeros(n, bool),
+                          itm_label=0 if negative else 1, eligible=not negative, clean_ids=ids, item=int(k)))  # fmt: skip
+    return out
 
 
 class TextOnlyDataset(GranularityDataset):

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from raysys import config as rconfig
+from raysys import progress
 from raysys.config import ConfigError
 from raysys.contract import write_text_atomic
+from raysys.corpus.concepts import ensure_concepts
 from raysys.pretrain.config import PretrainConfig
 from raysys.pretrain.curriculum import Mixer, granularity_loss, make_mixer
 from raysys.pretrain.granularities import (
@@ -54,7 +56,7 @@ from raysys.pretrain.model import (
     save_checkpoint,
 )
 from raysys.pretrain.optim import Optimizer
-from raysys.pretrain.recipes import Recipe, model_overrides, resolve
+from raysys.pretrain.recipes import Recipe, joined, model_overrides, resolve
 from raysys.pretrain.region_init import REGION_INITS, init_region_projection
 from raysys.pretrain.stream import StreamFeed, StreamPlan, local_rows, rank_items, sample_corpus, total_micro
 from raysys.pretrain.stream import plan as stream_plan
@@ -88,7 +90,8 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> Mod
         model_path=cfg.model_path, num_layers=cfg.model_layers, feature_dim=feature_dim,
         num_classes=num_classes, dropout=cfg.dropout, pooling=cfg.pooling,
         objectives=objective_names(STANDARD_OBJECTIVES, over["objectives"], cfg.extra_objectives),
-        encoder=over["encoder"], uni_layers=over["uni_layers"],
+        encoder=over["encoder"], uni_layers=over["uni_layers"], fusion=over["fusion"],
+        objective_options={"codis": dataclasses.asdict(cfg.codis), "unimo2": dataclasses.asdict(cfg.unimo2)},
     )  # fmt: skip
 
 
@@ -109,7 +112,10 @@ def prepare(cfg: PretrainConfig, data: str | Path, rank: int = 0, world_size: in
     check_options(cfg)
     recipe = resolve(cfg)
     tok = load_tokenizer(cfg.model_path)
-    corpus = load_corpus(data, cfg, corpus_needs(list(recipe.granularities), recipe.options), rank, world_size)
+    needs = corpus_needs(list(recipe.granularities), recipe.options)
+    if "concepts" in needs and world_size == 1:  # one process: build the vocabulary here (Ray: the driver's plan)
+        ensure_concepts(data, cfg.min_concept_count)
+    corpus = load_corpus(data, cfg, needs, rank, world_size)
     streams = build_streams(corpus, list(recipe.granularities), tok, cfg, rank)
     return Setup(recipe, tok, corpus, streams, model_config(cfg, corpus.feature_dim, corpus.num_classes))
 
@@ -238,6 +244,8 @@ class Trainee:
     bf16: bool = False  # CUDA only: bf16 autocast
     feed: StreamFeed | None = None  # input=stream: the micro-steps, in order
     granularities: str = ""  # of the last step, e.g. "rt+rp+is"
+    recipe: Recipe | None = None  # input=memory: its `joined` granularities of each epoch are mixed
+    mixers: dict[tuple[str, ...], Mixer] = dataclasses.field(default_factory=dict)  # input=memory, per joined set
 
     def autocast(self):
         if self.device.type == "cuda" and self.bf16:
@@ -247,7 +255,11 @@ class Trainee:
     def batches(self, micro_step: int) -> list[dict[str, Any]]:
         if self.feed is not None:
             return [to_device(b, self.device) for b in self.feed.batches(micro_step)]
-        return [to_device(self.streams[g].batch(j), self.device) for g, j in self.mixer.at(micro_step)]
+        mixer = self.mixer
+        names = joined(self.recipe, self.plan.epoch(micro_step // self.plan.grad_accum)) if self.recipe else ()
+        if names and list(names) != mixer.names:  # a curriculum that adds corpora later (unimo2)
+            mixer = self.mixers.setdefault(names, make_mixer(self.recipe.mixing, list(names), mixer.nb, mixer.seed))
+        return [to_device(self.streams[g].batch(j), self.device) for g, j in mixer.at(micro_step)]
 
     def step(self, s: int) -> tuple[dict[str, float], float, int, int]:
         """Run optimiser step `s`; returns (mean loss components, lr used, samples, tokens)."""
@@ -272,6 +284,8 @@ class Trainee:
             parts.append(comps)
         if self.optim is not None:
             self.optim.update()
+            for objective in self.module.objectives.values():
+                objective.after_update(self.module)
         comps = mean_components(parts)
         if not math.isfinite(comps["loss"]):
             raise FloatingPointError(f"step {s}: loss is {comps['loss']} ({comps})")
@@ -300,16 +314,18 @@ def make_trainee(
     optim = Optimizer.build(module, cfg, plan.total, plan.grad_accum) if recipe.update else None
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return Trainee(model, module, optim, setup.streams, mixer, plan, make_step(cfg, recipe), device, is_ddp,
-                   bf16=getattr(cfg, "bf16", False), feed=feed)  # fmt: skip
+                   bf16=getattr(cfg, "bf16", False), feed=feed, recipe=recipe)  # fmt: skip
 
 
 # ---------------------------------------------------------------- the local loop
 
 
 def train_local(
-    cfg: PretrainConfig, data: str | Path, out: str | Path | None = None, steps: int | None = None
+    cfg: PretrainConfig, data: str | Path, out: str | Path | None = None, steps: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Single-process pre-training for debugging and tests. Returns the summary the CLI prints."""
+    """Single-process pre-training for debugging and tests. Returns the summary the CLI prints.
+    `extra` joins the checkpoint's extra dict (the CLI's MLflow run id and store, for evaluations)."""
     t0 = time.perf_counter()
     if steps is not None:  # recorded as run: pretrain.yaml and the checkpoint say the steps taken
         cfg = dataclasses.replace(cfg, steps=steps)
@@ -328,7 +344,7 @@ def train_local(
     history: list[dict[str, float]] = []
     samples = 0
     t_train = time.perf_counter()
-    for s in range(tr.plan.total):
+    for s in progress.track(range(tr.plan.total), desc="pretrain", unit="step"):
         comps, _, n, _ = tr.step(s)
         samples += n
         epoch = tr.plan.epoch(s)
@@ -345,8 +361,8 @@ def train_local(
     if out is not None:
         out = Path(out)
         ckpt = out / "model.pt"
-        extra = {"recipe": cfg.recipe, "steps": tr.plan.total, "pretrain_config": rconfig.to_dict(cfg)}
-        save_checkpoint(ckpt, tr.module, extra)
+        ck_extra = {"recipe": cfg.recipe, "steps": tr.plan.total, "pretrain_config": rconfig.to_dict(cfg), **(extra or {})}
+        save_checkpoint(ckpt, tr.module, ck_extra)
         write_text_atomic(out / "pretrain.yaml", rconfig.dump(cfg))
         result["checkpoint"] = str(ckpt)
     result["history"] = history

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,11 @@ from transformers.utils import logging as hf_logging
 from raysys.checkpoints import load_payload
 from raysys.config import ConfigError
 from raysys.contract import ContractError
+from raysys.pretrain import codis as _codis  # noqa: F401 - registers `codebook`/`ica`: checkpoints naming them load
 from raysys.pretrain.boxes import location_features  # noqa: F401 - re-exported: model.location_features
 from raysys.pretrain.objectives import active_objectives, build_objectives
+from raysys.pretrain.unimo2 import GroundedDictionary, Grounding, ground_mask, grounded_allowed
+from raysys.pretrain.unimo2 import options as unimo2_options
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,12 @@ class ModelConfig:
     # layers run on the concatenation. `uni_layers` < 0 = half the layers (stored resolved).
     encoder: str = "single"
     uni_layers: int = 0
+    # "full": every cross-modal layer attends over [text, regions]. "grounded" (UNIMO-2, papers/003):
+    # text and regions exchange information only through the grounded tokens (an attention mask).
+    fusion: str = "full"
+    # Objectives' hyper-parameters by config section ({"codis": {...}, "unimo2": {...}}): the
+    # objectives read them when built, and checkpoints store them with the shapes.
+    objective_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 POOLINGS = ("auto", "cls", "mean")
@@ -117,6 +126,14 @@ def resolve_pooling(pooling: str, model_path: str | None) -> str:
 
 
 ENCODERS = ("single", "two_stage")
+FUSIONS = ("full", "grounded")
+
+
+def check_fusion(cfg: ModelConfig) -> None:
+    if cfg.fusion not in FUSIONS:
+        raise ConfigError(f"fusion: {cfg.fusion!r} is not one of {', '.join(FUSIONS)}")
+    if cfg.fusion == "grounded" and cfg.encoder != "two_stage":
+        raise ConfigError("fusion: grounded needs encoder: two_stage (grounded tokens come from the uni-modal towers)")
 
 
 def resolve_uni_layers(cfg: ModelConfig, n_layers: int) -> int:
@@ -239,6 +256,13 @@ class VLModel(nn.Module):
         for m in (self.region_embedding, self.mrc_head, self.mrfr_head, self.itm_head):
             m.apply(self._init_new)
         self.objectives = build_objectives(cfg.objectives, self)
+        # UNIMO-2's grounded dictionary (built last: a model without it draws the same initial weights)
+        check_fusion(cfg)
+        self.grounding: GroundedDictionary | None = None
+        if cfg.fusion == "grounded" or "grounded" in cfg.objectives:
+            o = unimo2_options(cfg)
+            self.grounding = GroundedDictionary(o.dictionary_size, bc.hidden_size, o.grounded_k, o.eta_init,
+                                                std=bc.initializer_range)  # fmt: skip
 
     def _init_new(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -343,9 +367,36 @@ class VLModel(nn.Module):
 
     def cross_encode(self, text_u: torch.Tensor, text_mask: torch.Tensor, region_u: torch.Tensor,
                      region_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The cross-modal layers over `[text stage output, regions]` (tag concepts excluded, MVPTR §3.3)."""
-        x, mask = torch.cat([text_u, region_u], 1), torch.cat([text_mask, region_mask], 1)
-        return self._run_layers(self.lm.bert.encoder.layer[self.cfg.uni_layers :], x, mask)
+        """The cross-modal layers over `[text stage output, regions]` (tag concepts excluded, MVPTR §3.3):
+        (B, T+R, H). Under `fusion: grounded` the grounded tokens of both modalities join them."""
+        return self.fuse(text_u, text_mask, region_u, region_mask)[0]
+
+    def fuse(self, text_u: torch.Tensor, text_mask: torch.Tensor, region_u: torch.Tensor, region_mask: torch.Tensor,
+             ground_on: str = "both") -> tuple[torch.Tensor, Grounding | None, torch.Tensor | None]:  # fmt: skip
+        """The cross-modal layers: (text+region states (B, T+R, H), the grounding, the grounded
+        tokens' states (B, K, H)); the last two None under `fusion: full`. `fusion: grounded`
+        (UNIMO-2's Grounded Transformer) appends the top-K grounded tokens of `ground_on`'s
+        modalities (Eq. 1–2) and masks every text↔region attention entry (`cross_attention_mask`)."""
+        layers = self.lm.bert.encoder.layer[self.cfg.uni_layers :]
+        if self.cfg.fusion != "grounded":
+            x, mask = torch.cat([text_u, region_u], 1), torch.cat([text_mask, region_mask], 1)
+            return self._run_layers(layers, x, mask), None, None
+        gr = self.grounding(torch.cat([text_u, region_u], 1), ground_mask(text_mask, region_mask, ground_on))
+        x = torch.cat([text_u, region_u, gr.grounded.to(text_u.dtype)], 1)
+        attn = self.cross_attention_mask(text_mask, region_mask, gr.grounded.shape[1], x.dtype)
+        for layer in layers:
+            x = layer(x, attn)
+        n = text_u.shape[1] + region_u.shape[1]
+        return x[:, :n], gr, x[:, n:]
+
+    def cross_attention_mask(self, text_mask: torch.Tensor, region_mask: torch.Tensor, k: int,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+        """The Grounded Transformer's (B, 1, L, L) attention mask over `[text, regions, K grounded]`
+        in the backbone's format: bool (True = attend) for SDPA, additive float for eager."""
+        allowed = grounded_allowed(text_mask, region_mask, k).unsqueeze(1)
+        if self.lm.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
 
     def encode_stages(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Both stages of the two-stage encoder; every intermediate the MVPTR objectives read.
@@ -353,10 +404,14 @@ class VLModel(nn.Module):
         text_u, concept_u, tcmask = self.text_tower(batch)
         tag_u, region_u, _ = self.image_tower(batch, dtype=text_u.dtype)
         T, C = text_u.shape[1], concept_u.shape[1]
-        h = self.cross_encode(torch.cat([text_u, concept_u], 1), tcmask, region_u, batch["region_mask"])
-        return {"text_uni": text_u, "concept_uni": concept_u, "tag_uni": tag_u, "region_uni": region_u,
-                "text_concept_mask": tcmask, "text_hidden": h[:, :T], "concept_hidden": h[:, T : T + C],
-                "region_hidden": h[:, T + C :]}  # fmt: skip
+        h, gr, gh = self.fuse(torch.cat([text_u, concept_u], 1), tcmask, region_u, batch["region_mask"],
+                              batch.get("ground", "both"))  # fmt: skip
+        out = {"text_uni": text_u, "concept_uni": concept_u, "tag_uni": tag_u, "region_uni": region_u,
+               "text_concept_mask": tcmask, "text_hidden": h[:, :T], "concept_hidden": h[:, T : T + C],
+               "region_hidden": h[:, T + C :]}  # fmt: skip
+        if gr is not None:
+            out.update(grounding=gr, grounded_hidden=gh)
+        return out
 
     def text_embedding(self, batch: dict[str, Any], clean: bool = True) -> torch.Tensor:
         """L2-normalised uni-modal text embedding (B, H): the text tower's [CLS], or the masked mean
@@ -391,15 +446,27 @@ class VLModel(nn.Module):
         else:
             text_h, region_h = self.encode(batch)
             out = {"text_hidden": text_h, "region_hidden": region_h}
-        out["itm_logits"] = self.itm_head(self.pool(text_h, region_h, batch))
+        out["itm_logits"] = self.itm_head(self.pool_fused(out, batch))
         names = active_objectives(self.objectives, batch)
         out["losses"] = {name: self.objectives[name](self, out, batch) for name in names}
         out["aux_zero"] = self._aux_zero()
         return out
 
+    def pool_fused(self, out: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        """`pool` of the encoder's output; under `fusion: grounded` with mean pooling the grounded
+        tokens' states join the mean (with one cross-modal layer they are the only states that
+        have seen both modalities)."""
+        text_h, region_h = out["text_hidden"], out["region_hidden"]
+        gh = out.get("grounded_hidden")
+        if gh is None or self.cfg.pooling == "cls":
+            return self.pool(text_h, region_h, batch)
+        rmask = torch.cat([batch["region_mask"], torch.ones(gh.shape[:2], dtype=torch.bool, device=gh.device)], 1)
+        return self.pool_masked(text_h, batch["text_mask"], torch.cat([region_h, gh], 1), rmask)
+
     def _aux_zero(self) -> torch.Tensor:
-        params = [p for m in (self.lm.cls, self.mrc_head, self.mrfr_head, self.itm_head, self.region_embedding,
-                              self.objectives, self.visual_layers) for p in m.parameters() if p.requires_grad]  # fmt: skip
+        mods = (self.lm.cls, self.mrc_head, self.mrfr_head, self.itm_head, self.region_embedding, self.objectives,
+                self.visual_layers, *([self.grounding] if self.grounding is not None else []))  # fmt: skip
+        params = [p for m in mods for p in m.parameters() if p.requires_grad]
         return sum((p.reshape(-1)[:1].sum() for p in params), torch.zeros((), device=params[0].device)) * 0.0
 
 

@@ -122,7 +122,7 @@ class MvptrDataset(GranularityDataset):
     masking, mcr, vsc, wpg, itm_hard)."""
 
     name = "mvptr"
-    needs = frozenset({"pairs"})
+    needs = frozenset({"pairs", "concepts"})  # concepts: the dataset vocabulary, built once by the driver
 
     def __init__(self, corpus: Corpus, tokenizer, cfg):
         super().__init__(corpus, tokenizer, cfg)

@@ -91,6 +91,11 @@ class Objective(nn.Module):
     def forward(self, model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def after_update(self, model: nn.Module) -> None:
+        """Called after every optimiser step (every rank, same order), with the unwrapped model:
+        where an objective updates state that is not trained by gradients (e.g. EMA teachers).
+        Its state lives in this module, so checkpoints hold it and a resumed run is exact."""
+
 
 def active_objectives(objectives: Mapping[str, Objective], batch: dict[str, Any]) -> tuple[str, ...]:
     """The names of `objectives` (in their order) to run on `batch`: `batch["objectives"]` when the
@@ -370,7 +375,7 @@ class HardNegativeImageTextMatching(Objective):
     its negative's cross-entropy."""
 
     needs = ("text_mask", "region_mask")
-    granularities = MVPTR_GRANULARITIES
+    granularities = (*MVPTR_GRANULARITIES, "codis")  # codis: raysys.pretrain.codis's retrieved pairs
 
     def forward(self, model, out, batch):
         neg_out = hard_negative_pass(model, out, batch)

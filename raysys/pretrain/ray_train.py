@@ -63,7 +63,7 @@ from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raysys import config as rconfig
-from raysys import tracking
+from raysys import progress, tracking
 from raysys.checkpoints import load_weights
 from raysys.config import ConfigError
 from raysys.contract import ContractError
@@ -71,6 +71,7 @@ from raysys.plugins import load_plugins
 from raysys.pretrain.config import TrainConfig
 from raysys.pretrain.optim import Optimizer
 from raysys.pretrain.recipes import resolve
+from raysys.pretrain.rendezvous import LoopbackTorchConfig
 from raysys.pretrain.stream import (
     StreamFeed,
     StreamPlan,
@@ -407,7 +408,8 @@ def _train(config: dict[str, Any], rss: PeakRSS) -> None:
         metrics_buf = MetricBuffer(run.tracking_uri, run.mlflow_run_id)
     run.setup_s = time.perf_counter() - t_setup
     run.t_log = run.t_loop = time.perf_counter()
-    for s in range(run.start, tr.plan.total):
+    steps = range(run.start, tr.plan.total)
+    for s in progress.track(steps, desc="pretrain", unit="step", initial=run.start, on=rank == 0):
         if _train_step(run, s, metrics_buf):
             break
     if metrics_buf is not None:
@@ -748,6 +750,7 @@ def _trainer(
             "stream_plan": plan_json(stream[0]) if stream is not None else None,
         },
         **extra,
+        torch_config=LoopbackTorchConfig(),  # the rendezvous binds 127.0.0.1 when the group is on one node
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=_use_gpu(cfg), resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),

@@ -14,6 +14,8 @@ A recipe says which granularity datasets feed the model, how their batches are m
 | `round_robin` | text, image | U-VisualBERT: text-only MLM batches alternate with image-only MRM + tag-MLM batches; tags carry their region's box |
 | `mvptr` | mvptr | MVPTR (papers/002) Eq. 5 on the retrieved pairs: mcr, vsc, wpg, itm_hard, chain-masked mlm; two-stage encoder |
 | `muvla+vsc` | `granularities` | `muvla` plus VSC on the two-stage encoder's uni-modal towers (I-S positives) |
+| `unimo2` | unimo2_pairs (+ unimo2_images, unimo2_texts from `unimo2.pair_epochs`) | UNIMO-2 (papers/003): grounded, span_mlm, unimo2_itm; two-stage encoder, `fusion: grounded` |
+| `codis` | codis | CODIS (papers/004) Eq. 9 on the retrieved pairs: codebook, ica, itm_hard, mlm; two-stage encoder |
 
 Register another with `@register("name")` — a function of the config returning a `Recipe`.
 """
@@ -114,6 +116,53 @@ def muvla_vsc(cfg: PretrainConfig) -> Recipe:
     return Recipe("muvla+vsc", g, cfg.mixing, w_itm=cfg.w_itm, options={"encoder": "two_stage", "objectives": ("vsc",)})
 
 
+# ---------------------------------------------------------------- CODIS (papers/004)
+
+CODIS_OBJECTIVES = ("codebook", "ica", "itm_hard")  # + the standard `mlm` on the retrieved pairs
+
+
+@register("codis")
+def codis(cfg: PretrainConfig) -> Recipe:
+    """CODIS's objective (its Eq. 9: L_code + L_ica + ITM with contrastive hard negatives + MLM) on
+    the retrieved pairs (the `codis` granularity of `raysys.pretrain.codis`), on the two-stage
+    encoder; hyper-parameters in `cfg.codis`. The `codis` granularity is not one of the §3.4
+    weighted ones: no w_ITM curriculum."""
+    from raysys.pretrain import codis as _objectives  # noqa: F401  # lazy: registers the codis objectives and granularity; keeps recipes torch-free
+
+    return Recipe("codis", ("codis",), cfg.mixing, w_itm=False,
+                  options={"encoder": "two_stage", "objectives": CODIS_OBJECTIVES})  # fmt: skip
+
+
+
+# ---------------------------------------------------------------- UNIMO-2 (papers/003)
+
+UNIMO2_GRANULARITIES = ("unimo2_pairs", "unimo2_images", "unimo2_texts")
+UNIMO2_OBJECTIVES = ("grounded", "span_mlm", "unimo2_itm")
+
+
+@register("unimo2")
+def unimo2(cfg: PretrainConfig) -> Recipe:
+    """UNIMO-2: grounded learning (L_GD), span MLM and ITM through the Grounded Transformer
+    (`fusion: grounded`) on the two-stage encoder. Its corpus curriculum (§3.1): the retrieved
+    pairs alone for `unimo2.pair_epochs` epochs, then pairs, images alone and texts alone
+    (`options["join_epoch"]`: the epoch from which each granularity is mixed in; `joined`)."""
+    from raysys.pretrain import unimo2 as _granularities  # noqa: F401  # lazy: registers the unimo2 granularities; keeps recipes torch-free
+
+    pe = int(cfg.unimo2.pair_epochs)
+    if pe < 0:
+        raise ConfigError(f"unimo2.pair_epochs: {pe} must be ≥ 0")
+    return Recipe("unimo2", UNIMO2_GRANULARITIES, cfg.mixing, w_itm=False,
+                  options={"encoder": "two_stage", "fusion": "grounded", "objectives": UNIMO2_OBJECTIVES,
+                           "join_epoch": {"unimo2_images": pe, "unimo2_texts": pe}})  # fmt: skip
+
+
+def joined(recipe: Recipe, epoch: int) -> tuple[str, ...]:
+    """The recipe's granularities mixed in epoch `epoch`: those whose `join_epoch` (absent = 0)
+    has come; the curriculum of a recipe that adds corpora over time (`unimo2`)."""
+    start = recipe.options.get("join_epoch", {})
+    return tuple(g for g in recipe.granularities if epoch >= int(start.get(g, 0)))
+
+
 def model_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     """What the config's recipe sets on the model: `encoder`, `uni_layers` and `objectives` (the
     registered objectives it adds to the standard ones). A recipe that needs the two-stage encoder
@@ -124,7 +173,9 @@ def model_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     uni = getattr(cfg, "uni_layers", 0)
     if encoder == "single" and r.options.get("encoder") == "two_stage":
         encoder, uni = "two_stage", uni or -1
-    return {"encoder": encoder, "uni_layers": uni, "objectives": tuple(r.options.get("objectives", ()))}
+    fusion = r.options.get("fusion", getattr(cfg, "fusion", "full"))
+    return {"encoder": encoder, "uni_layers": uni, "objectives": tuple(r.options.get("objectives", ())),
+            "fusion": fusion}  # fmt: skip
 
 
 def resolve(cfg: PretrainConfig) -> Recipe:

@@ -58,12 +58,12 @@ from raysys import config as rconfig
 from raysys.config import ConfigError
 from raysys.contract import ContractError, read_manifest, shard_files
 from raysys.corpus.assemble import TABLE, check_examples, ensure_examples, table_examples
-from raysys.corpus.concepts import read_concepts
+from raysys.corpus.concepts import ensure_concepts, read_concepts
 from raysys.pretrain.boxes import location_features
 from raysys.pretrain.config import PretrainConfig, TrainConfig
 from raysys.pretrain.curriculum import make_mixer
 from raysys.pretrain.granularities import GRANULARITIES, Corpus, GranularityStream, Link, corpus_needs
-from raysys.pretrain.recipes import Recipe, resolve
+from raysys.pretrain.recipes import Recipe, joined, resolve
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def plan(data: str | Path, cfg: PretrainConfig, recipe: Recipe, world: int = 1) 
     ensure_examples(root)
     check_examples(root)
     needs = corpus_needs(list(recipe.granularities), recipe.options)
+    if "concepts" in needs:
+        ensure_concepts(root, cfg.min_concept_count)
     rows_per_file = _eligible_rows(root, cfg)
     n = sum(len(r) for _, r in rows_per_file)
     if n == 0:
@@ -375,7 +377,7 @@ class Collate:
         corpus = window_corpus(Path(self.plan.data), w.file, w.rows, self.cfg, self.needs, (w.t0, w.t1))
         key = f"{self.cfg.seed}/{item.epoch}/{item.window}/{item.cycle}"
         streams = {g: GranularityStream(GRANULARITIES[g](corpus, self.tok, self.cfg), self.cfg.batch_size, key)
-                   for g in self.recipe.granularities if granularity_size(corpus, g, self.cfg)}  # fmt: skip
+                   for g in joined(self.recipe, item.epoch) if granularity_size(corpus, g, self.cfg)}  # fmt: skip
         mixer = make_mixer(self.recipe.mixing, list(streams), {g: len(s) for g, s in streams.items()}, zlib.crc32(key.encode()))
         for j in range(item.first, item.first + item.count):
             batches = [_to_numpy(streams[g].batch(b)) for g, b in mixer.at(j)]
