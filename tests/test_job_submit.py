@@ -166,8 +166,8 @@ class OwnCluster:
             else:
                 os.killpg(self.proc.pid, signal.SIGTERM)
                 how = "SIGTERM to the test cluster's process group"
-            try:
-                self.proc.wait(timeout=60)
+            try:  # after `ray stop` nothing is left to save: the SIGKILL below ends the namespace
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         if self.proc is not None:
