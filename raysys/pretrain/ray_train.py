@@ -672,7 +672,7 @@ def _stream_inputs(cfg: TrainConfig, data: Path, name: str, storage: str) -> tup
     resumed run re-reads one window, not the epoch."""
     if cfg.input != "stream":
         return None
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()  # bars at a terminal, not in logs
+    ray.data.DataContext.get_current().enable_progress_bars = progress.enabled()  # the one rule: raysys.progress
     sp = stream_plan(data, cfg, resolve(cfg), cfg.workers)
     start, end = resume_step(storage, name) * sp.grad_accum, total_micro(sp, cfg)
     dcfg = dataclasses.replace(cfg, data_cpus=_data_cpus(cfg))

@@ -133,7 +133,6 @@ def codis(cfg: PretrainConfig) -> Recipe:
                   options={"encoder": "two_stage", "objectives": CODIS_OBJECTIVES})  # fmt: skip
 
 
-
 # ---------------------------------------------------------------- UNIMO-2 (papers/003)
 
 UNIMO2_GRANULARITIES = ("unimo2_pairs", "unimo2_images", "unimo2_texts")

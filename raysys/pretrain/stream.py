@@ -416,7 +416,6 @@ def total_micro(p: StreamPlan, cfg: PretrainConfig, steps: int | None = None) ->
     return (steps if steps is not None else (cfg.steps or cfg.epochs * p.per_epoch)) * p.grad_accum
 
 
-
 # ---------------------------------------------------------------- the Ray Data pipeline of one rank
 
 
