@@ -127,3 +127,53 @@ def test_world_writes_a_downstream_suite_disjoint_from_pretraining(small_world):
 def test_world_without_tasks_writes_no_suite(tmp_path):
     write_world(WorldConfig(images=40, seed=1, feature_dim=32, tasks=False), tmp_path / "w")
     assert not (tmp_path / "w" / "tasks").exists() and "downstream" not in read_manifest(tmp_path / "w")
+
+
+def _text_only_accuracy(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> float:
+    """A hypothesis-only baseline: logistic regression on word unigrams and bigrams, fit on train."""
+    import torch
+
+    def grams(s):
+        w = s.lower().rstrip(".").split()
+        return w + [" ".join(p) for p in zip(w, w[1:])]
+
+    vocab = {g: i for i, g in enumerate(sorted({g for s, _ in train for g in grams(s)}))}
+    labels = sorted({y for _, y in train})
+
+    def xy(rows):
+        X = torch.zeros(len(rows), len(vocab))
+        for i, (s, _) in enumerate(rows):
+            for g in grams(s):
+                if g in vocab:
+                    X[i, vocab[g]] = 1.0
+        return X, torch.tensor([labels.index(y) for _, y in rows])
+
+    (X, y), (Xt, yt) = xy(train), xy(test)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(len(vocab), len(labels))
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05, weight_decay=1e-4)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(lin(X), y).backward()
+        opt.step()
+    return float((lin(Xt).argmax(-1) == yt).float().mean())
+
+
+def test_suite_statements_alone_score_at_chance(tmp_path):
+    """NLVR2 and VE labels live in the images, not in the words: a text-only classifier trained on the
+    suite's train split scores no better than the majority label on its eval split (the first grammar
+    let it reach 70 % on both, and so base and pre-trained encoders tied), while one trained on the
+    questions of VQA, whose answers are words, is allowed its prior."""
+    root = tmp_path / "w"
+    write_world(WorldConfig(images=1000, seed=3, eval_fraction=0.4, feature_dim=64), root)
+    for task, text in (("nlvr2", "sent"), ("ve", "hypothesis")):
+        rows = {s: [(r[text], str(r["label"])) for r in _jsonl(root / "tasks" / task / f"{s}.jsonl")] for s in ("train", "eval")}
+        assert len(rows["train"]) > 600 and len(rows["eval"]) > 400, task
+        ys = [y for _, y in rows["eval"]]
+        majority = max(ys.count(y) for y in set(ys)) / len(ys)
+        acc = _text_only_accuracy(rows["train"], rows["eval"])
+        assert acc < majority + 0.05, (task, acc, majority)
+        seen = {}
+        for s, y in rows["train"]:
+            seen.setdefault(s, set()).add(y)
+        assert sum(len(v) > 1 for v in seen.values()) > 0, task  # the same words occur with either label

@@ -371,28 +371,44 @@ def _has(img: WorldImage, c: int, colour: int | None = None) -> bool:
     return bool(((img.classes == c) & ((img.colours == colour) if colour is not None else True)).any())
 
 
-def _nlvr2_statement(rng, a: WorldImage, b: WorldImage) -> tuple[str, bool]:
-    """One statement over a (left, right) pair and its truth."""
-    kind = int(rng.integers(4))
-    pool = np.concatenate([a.classes, b.classes])
-    c = int(rng.choice(pool)) if rng.random() < 0.8 else _absent(rng, a)
-    name = COCO_CLASSES[c]
-    if kind == 0:
-        return f"Both images contain {article(name)} {name}.", _has(a, c) and _has(b, c)
-    if kind == 1:
-        return f"The left image has more {plural(name)} than the right image.", _count(a, c) > _count(b, c)
-    if kind == 2:
-        src = a if rng.random() < 0.5 else b
-        r = int(rng.integers(len(src.classes)))
-        side, img = ("left", a) if rng.random() < 0.5 else ("right", b)
-        c, colour = int(src.classes[r]), int(src.colours[r])
-        return f"There is {article(COLOURS[colour])} {COLOURS[colour]} {COCO_CLASSES[c]} in the {side} image.", _has(img, c, colour)
-    n = int(rng.integers(1, 4))
-    return f"There are {NUMBERS[n]} {plural(name) if n > 1 else name} in total.", _count(a, c) + _count(b, c) == n
+def _nlvr2_statement(rng, a: WorldImage, b: WorldImage, want: bool) -> str | None:
+    """One statement over a (left, right) pair whose truth is `want`, or None when the pair offers
+    no statement of the kind drawn.
+
+    Why this shape: a statement's words must not tell its label, or a text-only model scores well
+    above chance and the suite cannot tell pre-trained encoders apart (issue 17 measured 70 % for a
+    bag of words on the first grammar). So a kind is drawn only where it has a true and a false
+    version, and the two versions share their template, class and side distributions: the truth
+    lives in the images alone."""
+    kind = int(rng.integers(3))
+    ca, cb = set(a.classes.tolist()), set(b.classes.tolist())
+    if kind == 0:  # true: a class in both images; false: a class in exactly one
+        both, one = sorted(ca & cb), sorted(ca ^ cb)
+        if not both or not one:
+            return None
+        name = COCO_CLASSES[int(rng.choice(both if want else one))]
+        return f"Both images contain {article(name)} {name}."
+    if kind == 1:  # a class whose counts differ; the side named decides the truth
+        pool = sorted(c for c in ca | cb if _count(a, c) != _count(b, c))
+        if not pool:
+            return None
+        c = int(rng.choice(pool))
+        side = "left" if (_count(a, c) > _count(b, c)) == want else "right"
+        other = "right" if side == "left" else "left"
+        return f"The {side} image has more {plural(COCO_CLASSES[c])} than the {other} image."
+    # a (class, colour) present in exactly one image; the side named decides the truth
+    pa = {(int(c), int(k)) for c, k in zip(a.classes, a.colours)}
+    pb = {(int(c), int(k)) for c, k in zip(b.classes, b.colours)}
+    pool = [(p, "left") for p in sorted(pa - pb)] + [(p, "right") for p in sorted(pb - pa)]
+    if not pool:
+        return None
+    (c, k), where = pool[int(rng.integers(len(pool)))]
+    side = where if want else ("right" if where == "left" else "left")
+    return f"There is {article(COLOURS[k])} {COLOURS[k]} {COCO_CLASSES[c]} in the {side} image."
 
 
 def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
-    """`n` statements per image, over pairs of images of the same split, labels balanced by rejection."""
+    """`n` statements per image, over pairs of images of the same split, labels alternating."""
     out: list[dict] = []
     order = rng.permutation(len(imgs))
     for p in range(len(order) - 1):
@@ -401,44 +417,72 @@ def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
         for s in range(n):
             want = (s + p) % 2 == 0
             for _ in range(30):
-                text, truth = _nlvr2_statement(rng, a, b)
-                if truth == want and text not in seen:
+                text = _nlvr2_statement(rng, a, b, want)
+                if text is not None and text not in seen:
                     break
+            if text is None or text in seen:
+                continue
             seen.add(text)
             out.append({"identifier": f"w-{a.record.image_id}-{b.record.image_id}-{s}", "img0": a.record.image_id,
-                        "img1": b.record.image_id, "sent": text, "label": int(truth)})  # fmt: skip
+                        "img1": b.record.image_id, "sent": text, "label": int(want)})  # fmt: skip
     return out
 
 
-def _ve_hypothesis(rng, img: WorldImage, true: bool) -> str:
-    """A grounded statement from the caption grammar (class, colour, count, relation), true or false."""
-    cls, col, box = img.classes, img.colours, img.record.boxes
-    r = int(rng.integers(len(cls)))
-    kind = int(rng.integers(3))
-    wrong = [k for k in range(len(COLOURS)) if not _has(img, cls[r], k)]
-    if kind == 0 and (true or wrong):
-        colour = int(col[r]) if true else int(rng.choice(wrong))
-        return f"There is {article(COLOURS[colour])} {COLOURS[colour]} {COCO_CLASSES[cls[r]]}"
-    if kind == 1:
-        n = _count(img, cls[r])
-        if not true:
-            n = int(rng.choice([k for k in range(1, 6) if k != n]))
-        return f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {COCO_CLASSES[cls[r]] if n == 1 else plural(COCO_CLASSES[cls[r]])}"
-    j = int(rng.integers(len(cls)))
-    other = int(cls[j]) if true else _absent(rng, img)
-    if true and cls[j] != cls[r]:
-        return f"{_np(rng, cls[r], None, False)} {_relation(box[r], box[j])} {_np(rng, other, None, False)}"
-    return f"There is {article(COCO_CLASSES[other])} {COCO_CLASSES[other]} in the picture"
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def _ve_statement(rng, img: WorldImage, true: bool) -> str | None:
+    """A grounded statement from the caption grammar (colour, count, relation, presence), true or
+    false, or None when the image offers no such statement. As for NLVR2, the true and false
+    versions share their template and word distributions: a false colour is another colour of a
+    class the image has, a false count names a number drawn before the class, a false relation is
+    the opposite one, an absent class is as likely as a present one."""
+    cls, box = img.classes, img.record.boxes
+    kind = int(rng.integers(4))
+    if kind == 0:  # colour of a class the image has
+        c = int(cls[rng.integers(len(cls))])
+        have = [k for k in range(len(COLOURS)) if _has(img, c, k)]
+        lack = [k for k in range(len(COLOURS)) if k not in have]
+        if not lack:
+            return None
+        k = int(rng.choice(have if true else lack))
+        return f"There is {article(COLOURS[k])} {COLOURS[k]} {COCO_CLASSES[c]}"
+    if kind == 1:  # a number first, then a class that has that count (true) or another (false)
+        n = int(rng.integers(1, 4))
+        uniq = np.unique(cls)
+        pool = [int(c) for c in uniq if (_count(img, c) == n) == true]
+        if not pool or not [c for c in uniq if (_count(img, c) == n) != true]:
+            return None
+        name = COCO_CLASSES[int(rng.choice(pool))]
+        return f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {name if n == 1 else plural(name)}"
+    if kind == 2:  # two regions of different, unique classes and their relation (or its opposite)
+        uniq, counts = np.unique(cls, return_counts=True)
+        single = [r for r in range(len(cls)) if counts[np.searchsorted(uniq, cls[r])] == 1]
+        if len(single) < 2:
+            return None
+        i, j = (int(x) for x in rng.choice(single, size=2, replace=False))
+        rel = _relation(box[i], box[j])
+        return f"{_np(rng, cls[i], None, False)} {rel if true else OPPOSITE[rel]} {_np(rng, cls[j], None, False)}"
+    c = int(rng.choice(np.unique(cls))) if true else _absent(rng, img)
+    return f"There is {article(COCO_CLASSES[c])} {COCO_CLASSES[c]} in the picture"
 
 
 def _ve_items(rng, img: WorldImage, n: int) -> list[dict]:
-    """Entailment: a true grounded statement; contradiction: the same grammar made false; neutral:
-    a true statement plus a scene, which the world never determines."""
+    """Entailment: a true grounded statement; neutral: a true statement plus a scene, which the world
+    never determines; contradiction: a false statement, half of them with a scene too. With labels
+    in the ratio 1 : 1 : 2, a scene (or its absence) leaves each of its two labels equally likely,
+    so the hypothesis alone scores at the majority rate (50 %), and only the image can do better."""
     out: list[dict] = []
+    start = int(rng.integers(4))
     for q in range(n):
-        label = ("entailment", "contradiction", "neutral")[(q + int(rng.integers(3))) % 3]
-        s = _ve_hypothesis(rng, img, label != "contradiction")
-        if label == "neutral":
+        label = ("entailment", "contradiction", "neutral", "contradiction")[(q + start) % 4]
+        for _ in range(30):
+            s = _ve_statement(rng, img, label != "contradiction")
+            if s is not None:
+                break
+        if s is None:
+            continue
+        if label == "neutral" or (label == "contradiction" and (q + start) % 4 == 3):
             s += " " + SCENES[rng.integers(len(SCENES))]
         out.append({"image": img.record.image_id, "hypothesis": s[0].upper() + s[1:] + ".", "label": label})
     return out

@@ -61,9 +61,10 @@ ZS_METRICS = [("zeroshot.t2i_r5", "ZS T→I R@5"), ("zeroshot.i2t_r5", "ZS I→T
 METRICS = FT_METRICS + ZS_METRICS
 #: metric → the suite task whose items it averages (None: the meta-average over META_TASKS)
 ITEM_TASK: dict[str, str | None] = {META: None, **{k: k.split(".")[1] for k, _ in FT_METRICS[1:]}}
-#: scored by guessing (percent): NLVR2 2-way, VE 3-way, VQA open-ended, RefCOCO+ one of the world's
-#: 7.5 regions on average (3-12 uniform); retrieval depends on the eval size (not drawn)
-CHANCE = {"ft.vqa.vqa_accuracy": 0.0, "ft.nlvr2.accuracy": 50.0, "ft.ve.accuracy": 100 / 3,
+#: scored by guessing (percent): NLVR2 2-way, VE the majority label (the demo world's suite is 1 : 1 : 2
+#: entailment : neutral : contradiction), VQA open-ended, RefCOCO+ one of the world's 7.5 regions on
+#: average (3-12 uniform); retrieval depends on the eval size (not drawn)
+CHANCE = {"ft.vqa.vqa_accuracy": 0.0, "ft.nlvr2.accuracy": 50.0, "ft.ve.accuracy": 50.0,
           "ft.refcoco.accuracy": 100 / 7.5}  # fmt: skip
 CHANCE[META] = float(np.mean([CHANCE[k] for k, _ in FT_METRICS[1:5]]))
 BOOTSTRAP = 2000
