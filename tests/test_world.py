@@ -162,8 +162,7 @@ def _text_only_accuracy(train: list[tuple[str, str]], test: list[tuple[str, str]
 def test_suite_statements_alone_score_at_chance(tmp_path):
     """NLVR2 and VE labels live in the images, not in the words: a text-only classifier trained on the
     suite's train split scores no better than the majority label on its eval split (the first grammar
-    let it reach 70 % on both, and so base and pre-trained encoders tied), while one trained on the
-    questions of VQA, whose answers are words, is allowed its prior."""
+    let it reach 70 % on both, and so base and pre-trained encoders tied)."""
     root = tmp_path / "w"
     write_world(WorldConfig(images=1000, seed=3, eval_fraction=0.4, feature_dim=64), root)
     for task, text in (("nlvr2", "sent"), ("ve", "hypothesis")):

@@ -326,6 +326,9 @@ def _write_world(cfg: WorldConfig, out: Path) -> dict:
 
 SUITE_TASKS = ("vqa", "nlvr2", "ve", "refcoco", "retrieval")
 RELATION_ANSWERS = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+#: the relation, or the side of a pair, that makes a statement false: same words, other truth
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above",
+            "left": "right", "right": "left"}  # fmt: skip
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 
@@ -394,8 +397,7 @@ def _nlvr2_statement(rng, a: WorldImage, b: WorldImage, want: bool) -> str | Non
             return None
         c = int(rng.choice(pool))
         side = "left" if (_count(a, c) > _count(b, c)) == want else "right"
-        other = "right" if side == "left" else "left"
-        return f"The {side} image has more {plural(COCO_CLASSES[c])} than the {other} image."
+        return f"The {side} image has more {plural(COCO_CLASSES[c])} than the {OPPOSITE[side]} image."
     # a (class, colour) present in exactly one image; the side named decides the truth
     pa = {(int(c), int(k)) for c, k in zip(a.classes, a.colours)}
     pb = {(int(c), int(k)) for c, k in zip(b.classes, b.colours)}
@@ -403,7 +405,7 @@ def _nlvr2_statement(rng, a: WorldImage, b: WorldImage, want: bool) -> str | Non
     if not pool:
         return None
     (c, k), where = pool[int(rng.integers(len(pool)))]
-    side = where if want else ("right" if where == "left" else "left")
+    side = where if want else OPPOSITE[where]
     return f"There is {article(COLOURS[k])} {COLOURS[k]} {COCO_CLASSES[c]} in the {side} image."
 
 
@@ -426,9 +428,6 @@ def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
             out.append({"identifier": f"w-{a.record.image_id}-{b.record.image_id}-{s}", "img0": a.record.image_id,
                         "img1": b.record.image_id, "sent": text, "label": int(want)})  # fmt: skip
     return out
-
-
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 
 
 def _ve_statement(rng, img: WorldImage, true: bool) -> str | None:
@@ -475,14 +474,15 @@ def _ve_items(rng, img: WorldImage, n: int) -> list[dict]:
     out: list[dict] = []
     start = int(rng.integers(4))
     for q in range(n):
-        label = ("entailment", "contradiction", "neutral", "contradiction")[(q + start) % 4]
+        slot = (q + start) % 4  # 3: the contradiction that carries a scene
+        label = ("entailment", "contradiction", "neutral", "contradiction")[slot]
         for _ in range(30):
             s = _ve_statement(rng, img, label != "contradiction")
             if s is not None:
                 break
         if s is None:
             continue
-        if label == "neutral" or (label == "contradiction" and (q + start) % 4 == 3):
+        if label == "neutral" or slot == 3:
             s += " " + SCENES[rng.integers(len(SCENES))]
         out.append({"image": img.record.image_id, "hypothesis": s[0].upper() + s[1:] + ".", "label": label})
     return out

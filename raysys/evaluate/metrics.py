@@ -227,6 +227,11 @@ def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 #: the printed 0.1 (e.g. μ-VLA_CC: (72.1 + 73.4 + 77.3 + 80.3) / 4 = 75.78 → 75.8; only Base,
 #: 65.975 printed as 65.9, looks computed from unrounded scores).
 META_TASKS = ("vqa", "nlvr2", "ve", "refcoco")
+#: what each of them scores by guessing on the demo world's suite (percent), for the report's chance
+#: lines: VQA is open-ended; NLVR2 is balanced; VE is 1 : 1 : 2 entailment : neutral : contradiction,
+#: so that a hypothesis alone tells nothing (raysys.data.world); RefCOCO+ picks one of the world's
+#: 7.5 regions on average (3-12 uniform)
+CHANCE = {"vqa": 0.0, "nlvr2": 50.0, "ve": 50.0, "refcoco": 100 / 7.5}
 
 
 def meta_average(scores: Mapping[str, float], tasks: Sequence[str] = META_TASKS) -> float:

@@ -39,9 +39,6 @@ from raysys.evaluate.tasks.vqa import VQAHyper
 log = logging.getLogger(__name__)
 
 SUITE_TASKS = ("vqa", "nlvr2", "ve", "refcoco", "retrieval")
-#: what a task scores by guessing (percent): NLVR2 is balanced; the demo world's VE is 1 : 1 : 2
-#: entailment : neutral : contradiction, so that a hypothesis alone tells nothing (raysys.data.world)
-CHANCE = {"nlvr2": 50.0, "ve": 50.0}
 
 
 @dataclass
@@ -199,5 +196,5 @@ def write_items(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["CHANCE", "SUITE_TASKS", "SuiteConfig", "downstream", "finetune_config", "format_scores", "items_doc",
+__all__ = ["SUITE_TASKS", "SuiteConfig", "downstream", "finetune_config", "format_scores", "items_doc",
            "run_suite", "suite_runs", "summary", "write_items"]  # fmt: skip

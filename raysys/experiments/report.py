@@ -40,6 +40,7 @@ import numpy as np
 
 from raysys import tracking
 from raysys.config import ConfigError
+from raysys.evaluate.metrics import CHANCE as TASK_CHANCE
 from raysys.evaluate.metrics import META_TASKS
 
 AXIS_TITLES = {
@@ -61,11 +62,9 @@ ZS_METRICS = [("zeroshot.t2i_r5", "ZS T→I R@5"), ("zeroshot.i2t_r5", "ZS I→T
 METRICS = FT_METRICS + ZS_METRICS
 #: metric → the suite task whose items it averages (None: the meta-average over META_TASKS)
 ITEM_TASK: dict[str, str | None] = {META: None, **{k: k.split(".")[1] for k, _ in FT_METRICS[1:]}}
-#: scored by guessing (percent): NLVR2 2-way, VE the majority label (the demo world's suite is 1 : 1 : 2
-#: entailment : neutral : contradiction), VQA open-ended, RefCOCO+ one of the world's 7.5 regions on
-#: average (3-12 uniform); retrieval depends on the eval size (not drawn)
-CHANCE = {"ft.vqa.vqa_accuracy": 0.0, "ft.nlvr2.accuracy": 50.0, "ft.ve.accuracy": 50.0,
-          "ft.refcoco.accuracy": 100 / 7.5}  # fmt: skip
+#: scored by guessing (percent), per task (raysys.evaluate.metrics.CHANCE); retrieval depends on the
+#: eval size (not drawn)
+CHANCE = {k: TASK_CHANCE[ITEM_TASK[k]] for k, _ in FT_METRICS[1:5]}
 CHANCE[META] = float(np.mean([CHANCE[k] for k, _ in FT_METRICS[1:5]]))
 BOOTSTRAP = 2000
 
