@@ -26,6 +26,7 @@ from raysys.pretrain.model import ModelConfig, build_model, load_checkpoint, loa
 from raysys.pretrain.mvptr import ConceptMatcher, Extra, chain_mask, collate_concepts, mcr_select
 from raysys.pretrain.objectives import (
     IGNORE,
+    in_batch_negatives,
     negative_distribution,
     sample_hard_negatives,
     vsc_per_sample,
@@ -105,6 +106,23 @@ def test_hard_negative_sampling_follows_the_softmax():
     assert not bool(v[0])
 
 
+def test_in_batch_wpg_negatives_are_uniform_over_the_other_images():
+    """`mvptr.wpg_negative: in_batch` (the official code's `--wra_mod sample`): for each text a
+    uniform draw among the batch's pairs of another image; a pair of the same image never."""
+    image = torch.tensor([0, 0, 1, 2, 3])  # pairs 0 and 1 show the same image
+    not_neg = (image.unsqueeze(0) == image.unsqueeze(1))  # self and same image
+    n = 20000
+    torch.manual_seed(0)
+    idx, valid = in_batch_negatives(not_neg.repeat_interleave(n, 0))
+    assert bool(valid.all())
+    freq = torch.stack([torch.bincount(idx[r * n : (r + 1) * n], minlength=5).float() / n for r in range(5)])
+    expect = (~not_neg).float() / (~not_neg).float().sum(-1, keepdim=True)  # row 0: 1/3 on pairs 2, 3, 4
+    np.testing.assert_allclose(freq.numpy(), expect.numpy(), atol=0.015)
+    assert not bool((freq * not_neg).any())
+    _, v = in_batch_negatives(torch.ones(1, 2, dtype=torch.bool))  # a batch of one image: no negative
+    assert not bool(v[0])
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("")
@@ -181,6 +199,18 @@ def test_mvptr_recipe_prints_every_term_and_records_the_encoder(tiny, tmp_path, 
     model, _ = load_checkpoint(res["checkpoint"])
     assert model.cfg.encoder == "two_stage" and model.cfg.uni_layers == 1  # half the tiny BERT's 2 layers
     assert {"mcr", "vsc", "wpg", "itm_hard"} <= set(model.cfg.objectives)
+
+
+def test_wpg_in_batch_negatives_run_and_are_recorded(tiny, tmp_path, capsys):
+    data, bert = tiny
+    res = _pretrain(capsys, tmp_path, data, bert, "mvptr", "mvptr.wpg_negative=in_batch")
+    assert math.isfinite(res["mvptr.wpg"]) and res["mvptr.wpg"] >= 0
+    model, _ = load_checkpoint(res["checkpoint"])
+    assert model.cfg.objective_options["mvptr"] == {"wpg_negative": "in_batch"}
+    assert model.objectives["wpg"].negative == "in_batch"
+    # a typo is refused when the config loads, before any data is read
+    assert main(["pretrain", "--local", "--data", str(data), "--recipe", "mvptr", "mvptr.wpg_negative=random"]) != 0
+    assert "mvptr.wpg_negative: 'random' is not one of" in capsys.readouterr().err
 
 
 def test_muvla_vsc_recipe_adds_vsc_on_is_batches(tiny, tmp_path, capsys):

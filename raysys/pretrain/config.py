@@ -36,6 +36,16 @@ class CodisConfig:
 
 
 @dataclass
+class MvptrConfig:
+    """MVPTR (papers/002) options, read by the `wpg` objective (the paper's settings by default)."""
+
+    # WPG's negative image (§3.3). hard: drawn from p_s2v of Eq. 1, the cross-modal layers run again on
+    # (V_i', S_i) (the paper). in_batch: a uniform other image of the batch, its regions and S_i's
+    # phrases each from their own pair's pass (the official code's default, `--wra_mod sample`).
+    wpg_negative: Literal["hard", "in_batch"] = "hard"
+
+
+@dataclass
 class Unimo2Config:
     """UNIMO-2 (papers/003) hyper-parameters, read by the `grounded` and `span_mlm` objectives, the
     grounded fusion and the `unimo2` recipe's corpus curriculum (the paper's defaults; each field
@@ -96,6 +106,7 @@ class PretrainConfig:
     fusion: Literal["full", "grounded"] = "full"  # grounded (UNIMO-2): text and regions meet only through grounded tokens
     codis: CodisConfig = field(default_factory=CodisConfig)  # recipe codis
     unimo2: Unimo2Config = field(default_factory=Unimo2Config)  # recipe unimo2
+    mvptr: MvptrConfig = field(default_factory=MvptrConfig)  # recipe mvptr
     min_concept_count: int = 50  # mvptr: a phrase concept is kept when ≥ this many sentences have it (MVPTR: 50)
     # optimisation
     batch_size: int = 32

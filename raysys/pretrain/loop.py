@@ -91,7 +91,8 @@ def model_config(cfg: PretrainConfig, feature_dim: int, num_classes: int) -> Mod
         num_classes=num_classes, dropout=cfg.dropout, pooling=cfg.pooling,
         objectives=objective_names(STANDARD_OBJECTIVES, over["objectives"], cfg.extra_objectives),
         encoder=over["encoder"], uni_layers=over["uni_layers"], fusion=over["fusion"],
-        objective_options={"codis": dataclasses.asdict(cfg.codis), "unimo2": dataclasses.asdict(cfg.unimo2)},
+        objective_options={"codis": dataclasses.asdict(cfg.codis), "unimo2": dataclasses.asdict(cfg.unimo2),
+                           "mvptr": dataclasses.asdict(cfg.mvptr)},
     )  # fmt: skip
 
 

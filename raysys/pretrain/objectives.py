@@ -298,12 +298,15 @@ def _towers(model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> tup
     """(text (B,H), image (B,H), same-image mask (B,B) off the diagonal), computed once per batch."""
     if "towers" not in out:
         t, v = model.tower_embeddings(batch)
-        img = batch.get("image_index")
-        B = t.shape[0]
-        eye = torch.eye(B, dtype=torch.bool, device=t.device)
-        same = (img.unsqueeze(0) == img.unsqueeze(1)) & ~eye if img is not None else torch.zeros_like(eye)
-        out["towers"] = (t, v, same)
+        out["towers"] = (t, v, _same_image(batch, t.shape[0], t.device))
     return out["towers"]
+
+
+def _same_image(batch: dict[str, Any], B: int, device: torch.device) -> torch.Tensor:
+    """(B, B) bool: pair k shows pair i's image, k ≠ i (not a negative for i)."""
+    img = batch.get("image_index")
+    eye = torch.eye(B, dtype=torch.bool, device=device)
+    return (img.unsqueeze(0) == img.unsqueeze(1)) & ~eye if img is not None else torch.zeros_like(eye)
 
 
 def hard_negative_pass(model: nn.Module, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -352,20 +355,47 @@ class VisualSemanticContrastive(Objective):
         return ObjectiveOutput(loss.index_put((idx,), per), keep)
 
 
+WPG_NEGATIVES = ("hard", "in_batch")  # raysys.pretrain.config.MvptrConfig.wpg_negative
+
+
+def in_batch_negatives(same_or_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, a uniform draw among the other images of the batch (`same_or_self` True = not a
+    negative); (index, valid)."""
+    allowed = (~same_or_self).float()
+    return sample_hard_negatives(allowed / allowed.sum(-1, keepdim=True).clamp(min=1.0))
+
+
 @register("wpg")
 class WeaklySupervisedPhraseGrounding(Objective):
     """WPG (MVPTR §3.3): phrase concepts vs regions after the cross-modal layers, aggregated by Eq. 2
-    into a text-to-image similarity, hinge 0.2 against a hard negative image from p_s2v."""
+    into a text-to-image similarity, hinge 0.2 against a negative image. `mvptr.wpg_negative`: `hard`
+    (the paper) draws it from p_s2v and re-runs the cross-modal layers on (V_i', S_i); `in_batch`
+    (the official code's default) takes a uniform other image of the batch, with its regions from its
+    own pair's pass and S_i's phrases from theirs: no extra pass, and a yardstick that does not
+    harden as VSC sharpens."""
 
     needs = ("concept_ids", "concept_masked")
     granularities = MVPTR_GRANULARITIES
 
+    def __init__(self, model):
+        super().__init__(model)
+        opts = dict(getattr(model.cfg, "objective_options", {}).get("mvptr") or {})
+        self.negative = opts.get("wpg_negative", "hard")  # checkpoints from before the option: the paper's
+        if self.negative not in WPG_NEGATIVES:
+            raise ValueError(f"mvptr.wpg_negative: {self.negative!r} is not one of {', '.join(WPG_NEGATIVES)}")
+
     def forward(self, model, out, batch):
         phrases = batch["concept_ids"].ne(IGNORE).any(-1) & ~batch["concept_masked"]  # masked concepts are [MASK]
         pos, ok_pos = wpg_similarity(out["concept_hidden"], phrases, out["region_hidden"], batch["region_mask"])
-        neg_out = hard_negative_pass(model, out, batch)
-        neg, ok_neg = wpg_similarity(neg_out["concept_hidden"], phrases, neg_out["region_hidden"], neg_out["region_mask"])
-        return ObjectiveOutput(wpg_hinge(pos, neg), ok_pos & ok_neg & neg_out["valid"])
+        if self.negative == "in_batch":
+            B, dev = pos.shape[0], pos.device
+            j, valid = in_batch_negatives(_same_image(batch, B, dev) | torch.eye(B, dtype=torch.bool, device=dev))
+            neg, ok_neg = wpg_similarity(out["concept_hidden"], phrases, out["region_hidden"][j], batch["region_mask"][j])
+        else:
+            neg_out = hard_negative_pass(model, out, batch)
+            valid = neg_out["valid"]
+            neg, ok_neg = wpg_similarity(neg_out["concept_hidden"], phrases, neg_out["region_hidden"], neg_out["region_mask"])
+        return ObjectiveOutput(wpg_hinge(pos, neg), ok_pos & ok_neg & valid)
 
 
 @register("itm_hard")
