@@ -6,6 +6,7 @@ pre-training from no pre-training."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +61,32 @@ def test_suite_config_errors_are_one_line(tiny_world, tmp_path):
     (tmp_path / "bare" / "manifest.json").write_text(json.dumps({"downstream": {"tasks": {"vqa": {}}}}))
     with pytest.raises(ConfigError, match="'ve' is not in .* suite; it has \\['vqa'\\]"):
         suite_runs(tmp_path / "bare", SuiteConfig(tasks=["ve"]))
+
+
+def test_task_files_can_take_their_eval_photos_from_another_dataset(tiny_world, tmp_path, capsys):
+    """`task_files.<task>.eval_images`: held-out photos in a dataset of their own (Flickr8k dev beside
+    a train-only pre-training dataset). The same photos there give the same score; a dataset
+    without them is an error naming it."""
+    rec = json.loads((tiny_world / "manifest.json").read_text())["downstream"]["tasks"]["retrieval"]
+    other = tmp_path / "dev_photos"
+    shutil.copytree(tiny_world / "images", other / "images")
+    shutil.copy(tiny_world / "manifest.json", other / "manifest.json")
+    files = {"train": rec["train"], "eval": rec["eval"], "format": rec["format"]}
+    runs = suite_runs(tiny_world, SuiteConfig(tasks=["retrieval"], task_files={"retrieval": {**files, "eval_images": str(other)}}))
+    assert (runs[0].images, runs[0].eval_images) == (str(tiny_world), str(other))
+    args = ["evaluate", "suite", "--checkpoint", "base", "--data", str(tiny_world), "tasks=[retrieval]", "steps=2",
+            "batch_size=6", "base_layers=1", "retrieval_eval_images=4", "threads=1"]  # fmt: skip
+    scores = []
+    for where in (None, other):
+        over = [f"task_files={json.dumps({'retrieval': {**files, **({'eval_images': str(where)} if where else {})}})}"]
+        assert main([*args, *over]) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["retrieval"])
+    assert scores[0] == scores[1]
+    shutil.rmtree(other / "images")
+    (other / "images").mkdir()
+    over = f"task_files={json.dumps({'retrieval': {**files, 'eval_images': str(other)}})}"
+    assert main([*args, over]) != 0
+    assert str(other) in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the report's statistics on hand-made inputs

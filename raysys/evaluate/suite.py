@@ -58,9 +58,11 @@ class SuiteConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0 = torch's default)
     base_layers: int = 0  # `--checkpoint base`: keep the first N encoder layers (0 = all)
-    # task -> {train: [files], eval: [files], format, train_split, eval_split}: task files beside (or
-    # instead of) the dataset's own suite, e.g. Flickr8k captions.tsv with train/dev splits; relative
-    # paths are under the dataset dir
+    # task -> {train: [files], eval: [files], format, train_split, eval_split, images, eval_images}: task
+    # files beside (or instead of) the dataset's own suite, e.g. Flickr8k captions.tsv with train/dev
+    # splits; `images` / `eval_images`: the featurized dataset dirs holding their photos (default: the
+    # dataset; eval_images defaults to images), so held-out photos need not sit in the pre-training
+    # dataset; relative paths are under the dataset dir
     task_files: dict[str, dict[str, Any]] = field(default_factory=dict)
     log_every: int = 0
     mlflow: bool = False  # one MLflow run per task (params = the budget), nested under the checkpoint's run
@@ -101,8 +103,9 @@ def suite_runs(data: str | Path, cfg: SuiteConfig) -> list[TaskRun]:
         if task not in tasks:
             raise ConfigError(f"tasks: {name!r} is not in {data}'s suite; it has {sorted(tasks)}")
         t = tasks[task]
-        runs.append(TaskRun(task, _files(data, t.get("train")), _files(data, t.get("eval")), str(data), "",
-                            t.get("format", "auto")))  # fmt: skip
+        images, eval_images = (str(data / t[k]) if t.get(k) else "" for k in ("images", "eval_images"))
+        runs.append(TaskRun(task, _files(data, t.get("train")), _files(data, t.get("eval")), images or str(data),
+                            eval_images, t.get("format", "auto")))  # fmt: skip
     return runs
 
 
