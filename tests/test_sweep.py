@@ -20,7 +20,14 @@ from raysys.cli import main
 from raysys.config import ConfigError
 from raysys.contract import update_manifest
 from raysys.experiments.report import write_report
-from raysys.experiments.sweep import SweepConfig, data_config, metric_key, trains_itm, trial_specs
+from raysys.experiments.sweep import (
+    SweepConfig,
+    data_config,
+    metric_key,
+    shared_data_cpus,
+    trains_itm,
+    trial_specs,
+)
 from raysys.pretrain.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +179,17 @@ def test_sweep_interrupt_resume_and_mlflow(tmp_path):
                           "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "K.png").exists()
+
+
+def test_concurrent_trials_leave_their_readers_cpus_that_exist():
+    """Two streamed trials of one 1-CPU worker on 2 CPUs: nothing is left for their Ray Data
+    actors, which must then reserve none (reserving 0.5 each hung the Flickr8k sweep)."""
+    cfg = TrainConfig(workers=1, cpus_per_worker=1, data_cpus=0.5)
+    assert shared_data_cpus(2, 2, cfg) == 0.0
+    assert shared_data_cpus(2, 1, cfg) == 0.5  # one trial: a CPU free, the configured 0.5 fits
+    assert shared_data_cpus(8, 2, TrainConfig(workers=2, cpus_per_worker=1, data_cpus=1.0)) == 1.0
+    assert shared_data_cpus(5, 2, TrainConfig(workers=2, cpus_per_worker=1, data_cpus=1.0)) == 0.25
+    assert shared_data_cpus(2, 2, TrainConfig(workers=1, cpus_per_worker=1, input="memory")) == TrainConfig().data_cpus
 
 
 def test_trial_metric_config():

@@ -217,6 +217,17 @@ def concurrency(cfg: SweepConfig, train_cfg) -> int:
     return max(1, int(res.get("CPU", 1) // (train_cfg.workers * train_cfg.cpus_per_worker)))
 
 
+def shared_data_cpus(cpus: float, trials: int, train_cfg) -> float:
+    """The streamed input's `data_cpus` when `trials` trials run at once on `cpus` CPUs: each trial's
+    Ray Data actors reserve only what every trial's workers leave free. Without this, two trials of
+    one 1-CPU worker on 2 CPUs reserve both CPUs, and both trials' reading actors wait forever for
+    a CPU (Ray Data: "the job may hang forever")."""
+    if train_cfg.input != "stream":
+        return train_cfg.data_cpus
+    free = cpus - trials * train_cfg.workers * train_cfg.cpus_per_worker
+    return min(train_cfg.data_cpus, max(0.0, free / max(1, trials * train_cfg.workers * train_cfg.data_actors)))
+
+
 def _numbers(d: dict[str, Any], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -322,11 +333,18 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
             arts.append(diag)
         tracking.log_artifacts(uri, parent_id, arts)
         # 3. Tune over function trials that each run a TorchTrainer.
+        pretrain = dict(cfg.pretrain)
+        n = concurrency(cfg, base)
+        if not (base.use_gpu and ray.cluster_resources().get("GPU", 0) > 0):
+            dc = shared_data_cpus(ray.cluster_resources().get("CPU", 0.0), n, base)
+            if dc < base.data_cpus:
+                log.info("%d trials at once: the streamed input's data_cpus %s -> %.2f", n, base.data_cpus, dc)
+                pretrain["data_cpus"] = dc
         param_space = {
             "trial": tune.grid_search(specs),
             # Tune's MLflow callback logs the trial config as params: no password of a URI in them
-            "pretrain": {**cfg.pretrain, **({"tracking_uri": tracking.redact(str(cfg.pretrain["tracking_uri"]))}
-                                            if "tracking_uri" in cfg.pretrain else {})},
+            "pretrain": {**pretrain, **({"tracking_uri": tracking.redact(str(cfg.pretrain["tracking_uri"]))}
+                                        if "tracking_uri" in cfg.pretrain else {})},
             "zeroshot": dict(cfg.zeroshot),
             "suite": rconfig.to_dict(rconfig.from_dict(SuiteConfig, dict(cfg.suite))),  # resolved: params record it
             "finetune": cfg.finetune,
@@ -349,7 +367,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
         else:
             tuner = tune.Tuner(trainable, param_space=param_space, run_config=run_config,
                                tune_config=tune.TuneConfig(scheduler=scheduler,
-                                                           max_concurrent_trials=concurrency(cfg, base)))  # fmt: skip
+                                                           max_concurrent_trials=n))  # fmt: skip
         grid = tuner.fit()
         key = metric_key(cfg)
         rows = []
