@@ -18,7 +18,15 @@ from raysys.cli import main
 from raysys.config import ConfigError
 from raysys.data.world import WorldConfig, write_world
 from raysys.evaluate.suite import SuiteConfig, run_suite, suite_runs
-from raysys.experiments.report import best_row, directions, paired_bootstrap, tables, write_report
+from raysys.experiments.report import (
+    best_row,
+    directions,
+    headline,
+    markdown_table,
+    paired_bootstrap,
+    tables,
+    write_report,
+)
 
 TASKS = ["vqa", "nlvr2", "ve", "refcoco", "retrieval"]
 
@@ -147,6 +155,28 @@ def test_directions_verdicts():
     assert got == {"retrieved pairs > random pairs": "reversed", "all three granularities ≥ each alone": "not run",
                    "K = 5 > K = 1": "not run", "w_ITM helps": "inconclusive", "paired ratio monotonic": "reproduced",
                    "μ-VLA > U-VisualBERT > Base": "reproduced"}  # fmt: skip
+
+
+def test_a_retrieval_only_sweep_is_compared_on_its_retrieval_score():
+    """A Flickr8k sweep runs no meta-average task: Δ vs base and the directions use its retrieval
+    score (before, every direction read "not run")."""
+    n = 400
+
+    def run(variant: str, p: float, seed: int) -> dict:
+        r = _run("recipe", variant, 0, {"retrieval": _correct(n, p, seed)})
+        r["metrics"] = {"ft.retrieval.r_mean": float(np.mean(r["items"]["items"]["retrieval"]["scores"]))}
+        return r
+
+    tabs = tables([run("base", 0.3, 1), run("round_robin", 0.5, 2), run("muvla", 0.7, 3), run("random_pairs", 0.7, 4)])
+    rows = tabs["recipe"]
+    assert headline(rows) == "ft.retrieval.r_mean"
+    got = {d.split(" (")[0]: v for d, v, _ in directions(tabs, headline(rows))}
+    assert got["μ-VLA > U-VisualBERT > Base"] == "reproduced"
+    assert got["retrieved pairs > random pairs"] == "inconclusive"  # the same rate: a tie
+    table = markdown_table(rows, rows[0], headline(rows))
+    assert "Δ Retr. R-mean vs base" in table.splitlines()[0]
+    muvla = next(line for line in table.splitlines() if line.startswith("| muvla"))
+    assert muvla.rstrip(" |").split("|")[-1].strip().startswith("+")  # muvla − base: about +40 points
 
 
 def test_report_from_mlflow_with_items(tmp_path):
