@@ -426,9 +426,10 @@ XLABELS = {"K": "K (retrieved sentences per image)", "paired_ratio": "paired rat
 
 def _intro(experiment: str, tracking_uri: str, runs: list[dict[str, Any]], key: str = META) -> list[str]:
     ft = any(k in r["metrics"] for r in runs for k, _ in FT_METRICS)
+    cols = ("`Meta-Ave` is the paper's meta-average (VQA, NLVR2, VE, RefCOCO+), task columns are percent"
+            if key == META else f"`{dict(METRICS)[key]}` is the headline, in percent")  # fmt: skip
     what = ("Each trial was fine-tuned on the downstream suite with one budget and scored on the same evaluation "
-            "items; `Meta-Ave` is the paper's meta-average (VQA, NLVR2, VE, RefCOCO+), task columns are percent. "
-            "Zero-shot (ZS) columns are `null` for recipes that do not train the ITM head."
+            f"items; {cols}. Zero-shot (ZS) columns are `null` for recipes that do not train the ITM head."
             if ft else "Metrics are zero-shot image↔text retrieval on the held-out gold pairs.")  # fmt: skip
     where = tracking.redact(tracking_uri)
     head = "meta-average" if key == META else f"`{dict(METRICS)[key]}` (the trials ran no meta-average task)"
