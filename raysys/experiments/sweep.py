@@ -52,7 +52,7 @@ from raysys.evaluate.suite import SuiteConfig, downstream, items_doc, run_suite
 from raysys.evaluate.zeroshot import ZeroShotConfig, evaluate_zeroshot
 from raysys.experiments.pipeline import PipelineConfig, check_k, run_pipeline
 from raysys.pretrain.config import TrainConfig
-from raysys.pretrain.ray_train import ensure_ray, fit
+from raysys.pretrain.ray_train import data_cpus_that_fit, ensure_ray, fit
 from raysys.pretrain.recipes import resolve
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,8 @@ def concurrency(cfg: SweepConfig, train_cfg) -> int:
 
 
 def shared_data_cpus(cpus: float, trials: int, train_cfg) -> float:
-    """The streamed input's `data_cpus` when `trials` trials run at once on `cpus` CPUs: each trial's
-    Ray Data actors reserve only what every trial's workers leave free. Without this, two trials of
-    one 1-CPU worker on 2 CPUs reserve both CPUs, and both trials' reading actors wait forever for
-    a CPU (Ray Data: "the job may hang forever")."""
-    if train_cfg.input != "stream":
-        return train_cfg.data_cpus
-    free = cpus - trials * train_cfg.workers * train_cfg.cpus_per_worker
-    return min(train_cfg.data_cpus, max(0.0, free / max(1, trials * train_cfg.workers * train_cfg.data_actors)))
+    """The streamed input's `data_cpus` when `trials` trials run at once on `cpus` CPUs."""
+    return data_cpus_that_fit(cpus, train_cfg, trials) if train_cfg.input == "stream" else train_cfg.data_cpus
 
 
 def _numbers(d: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -680,16 +680,21 @@ def _stream_inputs(cfg: TrainConfig, data: Path, name: str, storage: str) -> tup
                 for r in range(cfg.workers)}  # fmt: skip
 
 
+def data_cpus_that_fit(cpus: float, cfg: TrainConfig, runs: int = 1) -> float:
+    """`data_cpus`, or what `cpus` leave beside the training workers of `runs` runs at once when that
+    is less (a 2-core machine running 2 workers of 1 CPU has none left: the actors then reserve 0
+    CPUs and share the cores, as the in-memory path's collation did inside the workers). A sweep
+    passes its concurrent trials: two trials of one 1-CPU worker on 2 CPUs reserving 0.5 each for
+    their readers hung in Ray Data ("the job may hang forever")."""
+    free = cpus - runs * cfg.workers * cfg.cpus_per_worker
+    return min(cfg.data_cpus, max(0.0, free / max(1, runs * cfg.workers * cfg.data_actors)))
+
+
 def _data_cpus(cfg: TrainConfig) -> float:
-    """`data_cpus`, or what the cluster has left beside the training workers when that is less
-    (a 2-core machine running 2 workers of 1 CPU has none left: the actors then reserve 0 CPUs
-    and share the cores, as the in-memory path's collation did inside the workers)."""
-    free = ray.cluster_resources().get("CPU", 0.0) - cfg.workers * cfg.cpus_per_worker
-    fit = max(0.0, free / max(1, cfg.workers * cfg.data_actors))
+    fit = data_cpus_that_fit(ray.cluster_resources().get("CPU", 0.0), cfg)
     if fit < cfg.data_cpus:
-        log.info("data_cpus=%s does not fit beside the training workers (%.2f CPUs free): using %.2f",
-                 cfg.data_cpus, max(free, 0.0), fit)  # fmt: skip
-    return min(cfg.data_cpus, fit)
+        log.info("data_cpus=%s does not fit beside the training workers: using %.2f", cfg.data_cpus, fit)
+    return fit
 
 
 def resume_step(storage: str, name: str) -> int:
