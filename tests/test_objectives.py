@@ -28,7 +28,7 @@ from raysys.pretrain.granularities import (
     load_corpus,
     tokens_in_span,
 )
-from raysys.pretrain.loop import make_step, model_config, prepare
+from raysys.pretrain.loop import check_options, make_step, model_config, prepare
 from raysys.pretrain.model import load_tokenizer
 from raysys.pretrain.objectives import IGNORE, OBJECTIVES, Objective, ObjectiveOutput, register
 from raysys.pretrain.recipes import RECIPES, resolve
@@ -128,6 +128,23 @@ def test_pairs_and_text_masking_rates(tiny_data, tok):
     text = _draw(TextOnlyDataset(c, tok, cfg), N)
     assert abs(np.concatenate([s.mlm_labels != IGNORE for s in text]).mean() - 0.15) < 0.01
     assert all(s.image is None for s in text)
+
+
+def test_mrm_keep_ratio_predicts_some_regions_it_leaves_visible(tiny_data, tok):
+    """`mrm_keep_ratio`: of the regions chosen for MRM (rate `mrm_prob`), that share keeps its
+    feature; all chosen are still predicted (MRFR; MRC where a class exists). At 0 (the paper's) the
+    draws are the ones before the option existed: every chosen region is zeroed."""
+    for keep in (0.0, 0.5):
+        cfg = PretrainConfig(mrm_prob=0.2, mrm_keep_ratio=keep)
+        c = _corpus(tiny_data, cfg, ["pairs"], {"pairing": "random"})
+        pairs = _draw(PairedDataset(c, tok, cfg), N)
+        chosen = np.concatenate([s.mrfr_mask for s in pairs])
+        zeroed = np.concatenate([s.region_masked for s in pairs])
+        assert abs(chosen.mean() - 0.2) < 0.01 and not (zeroed & ~chosen).any()
+        assert abs((zeroed[chosen]).mean() - (1 - keep)) < 0.03
+        assert (np.concatenate([s.mrc_labels for s in pairs]) != IGNORE).sum() == chosen.sum()  # every region has a class
+    with pytest.raises(ConfigError, match="mrm_keep_ratio"):
+        check_options(PretrainConfig(mrm_keep_ratio=1.0))
 
 
 def test_rp_one_modality_per_sample_and_rates(tiny_data, tok):

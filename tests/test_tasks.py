@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from raysys.contract import ContractError
+from raysys.evaluate.metrics import gold_ranks
 from raysys.evaluate.tasks import read_task, strip_entities
+from raysys.evaluate.tasks.retrieval import chance_r_mean
 
 # ---------------------------------------------------------------- readers of the official formats
 
@@ -283,3 +285,21 @@ def test_refs_without_instances_says_what_is_missing(tmp_path):
     refs, _ = _write_refs(tmp_path, image_id=1, boxes_xywh=[[0, 0, 2, 2]])
     with pytest.raises(ContractError, match="the refs format needs two files: refs JSON \\+ instances.json"):
         read_task("refcoco", [refs])
+
+
+def test_retrieval_chance_is_what_random_scores_get():
+    """The R-mean a random ranking scores per image (the report's chance line), against random
+    score matrices ranked by the metric's own gold_ranks; uneven caption counts included."""
+    rng = np.random.default_rng(0)
+    text_img = np.array([0] * 5 + [1] * 5 + [2] * 3 + [3] * 5 + [4] * 1 + [5] * 5 + [6] * 5 + [7] * 5)
+    images = np.arange(8)
+    gold = text_img[None, :] == images[:, None]
+    got = []
+    for _ in range(3000):
+        S = rng.random(gold.shape)
+        i2t, t2i = gold_ranks(S, gold), gold_ranks(S.T, gold.T)
+        h_i = np.mean([i2t <= k for k in (1, 5, 10)], axis=0)
+        h_t = np.mean([t2i <= k for k in (1, 5, 10)], axis=0)
+        got.append(np.mean([50.0 * (h_i[a] + h_t[text_img == a].mean()) for a in images]))
+    assert chance_r_mean(text_img, images) == pytest.approx(np.mean(got), abs=0.5)
+    assert chance_r_mean(np.repeat(np.arange(100), 5), np.arange(100)) == pytest.approx(5.26, abs=0.01)

@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "ingest": "raysys.bench.ingest",
     "towers": "raysys.bench.towers",
     "grounding": "raysys.bench.grounding",
+    "separation": "raysys.bench.separation",
 }
 
 

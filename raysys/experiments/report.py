@@ -62,10 +62,11 @@ ZS_METRICS = [("zeroshot.t2i_r5", "ZS T→I R@5"), ("zeroshot.i2t_r5", "ZS I→T
 METRICS = FT_METRICS + ZS_METRICS
 #: metric → the suite task whose items it averages (None: the meta-average over META_TASKS)
 ITEM_TASK: dict[str, str | None] = {META: None, **{k: k.split(".")[1] for k, _ in FT_METRICS[1:]}}
-#: scored by guessing (percent), per task (raysys.evaluate.metrics.CHANCE); retrieval depends on the
-#: eval size (not drawn)
+#: scored by guessing (percent), per task (raysys.evaluate.metrics.CHANCE); retrieval's depends on the
+#: eval size, so each trial logs its own (`RETRIEVAL_CHANCE`, see `chance_levels`)
 CHANCE = {k: TASK_CHANCE[ITEM_TASK[k]] for k, _ in FT_METRICS[1:5]}
 CHANCE[META] = float(np.mean([CHANCE[k] for k, _ in FT_METRICS[1:5]]))
+RETRIEVAL_CHANCE = ("ft.retrieval.r_mean", "ft.retrieval.chance_r_mean")
 BOOTSTRAP = 2000
 
 
@@ -346,6 +347,14 @@ def plot_caption(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
     return f"eval {n_items} items · {steps} fine-tuning steps/task · {seeds} seed{'s' if seeds != 1 else ''}"
 
 
+def chance_levels(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The fixed chance levels, plus retrieval's R-mean chance as the trials logged it (the same for
+    every trial of a sweep: one budget, one set of evaluation images)."""
+    key, logged = RETRIEVAL_CHANCE
+    xs = [g["metrics"][logged] for g in runs if math.isfinite(g["metrics"].get(logged, math.nan))]
+    return {**CHANCE, key: float(np.mean(xs))} if xs else dict(CHANCE)
+
+
 def _figure(width: float):
     import matplotlib  # lazy: choosing a backend is process-wide; done only when a plot is drawn
 
@@ -355,10 +364,12 @@ def _figure(width: float):
     return plt, *plt.subplots(figsize=(width, 4.4), dpi=120)
 
 
-def _finish(plt, fig, ax, axis: str, caption: str, ylabel: str, keys: list[str], path: Path) -> None:
+def _finish(plt, fig, ax, axis: str, caption: str, ylabel: str, keys: list[str], path: Path,
+            chance: dict[str, float] | None = None) -> None:  # fmt: skip
+    chance = CHANCE if chance is None else chance
     for key in keys:
-        if key in CHANCE:
-            ax.axhline(CHANCE[key], color="gray", linestyle="--", linewidth=1.2, label=f"chance ({CHANCE[key]:.1f})")
+        if key in chance:
+            ax.axhline(chance[key], color="gray", linestyle="--", linewidth=1.2, label=f"chance ({chance[key]:.1f})")
     ax.set_ylabel(ylabel, fontsize=11)
     ax.set_title(f"{AXIS_TITLES.get(axis, axis)}\n{caption}", fontsize=10)
     ax.grid(alpha=0.3)
@@ -368,7 +379,8 @@ def _finish(plt, fig, ax, axis: str, caption: str, ylabel: str, keys: list[str],
     plt.close(fig)
 
 
-def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path, caption: str = "") -> bool:
+def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path, caption: str = "",
+              chance: dict[str, float] | None = None) -> bool:  # fmt: skip
     """Metric vs a numeric axis with ±1 std error bars over seeds. False if the axis is not numeric."""
     pts = [(float(r["variant"]), r) for r in rows if _num(r["variant"]) is not None]
     metrics = _plot_metrics(rows)
@@ -382,11 +394,12 @@ def plot_axis(rows: list[dict[str, Any]], axis: str, xlabel: str, path: Path, ca
     ax.set_xlabel(xlabel, fontsize=11)
     ax.set_xticks([x for x, _ in pts])
     ax.set_ylim(bottom=0)
-    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path)
+    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path, chance)
     return True
 
 
-def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path, caption: str = "") -> bool:
+def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path, caption: str = "",
+              chance: dict[str, float] | None = None) -> bool:  # fmt: skip
     """A categorical axis (granularities, baselines) as bars with ±1 std."""
     metrics = _plot_metrics(rows)
     if len(rows) < 2 or not metrics:
@@ -401,7 +414,7 @@ def plot_bars(rows: list[dict[str, Any]], axis: str, path: Path, caption: str = 
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["variant"] for r in rows], rotation=15, ha="right", fontsize=9)
     ax.set_xlabel(axis, fontsize=11)
-    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path)
+    _finish(plt, fig, ax, axis, caption, "score (%)", [k for k, _ in metrics], path, chance)
     return True
 
 
@@ -455,8 +468,10 @@ def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> 
     for axis, rows in tabs.items():
         md += [f"## {AXIS_TITLES.get(axis, axis)}", "", markdown_table(rows, base, key), ""]
         png = out / f"{axis}.png"
-        caption = plot_caption(rows, [g for g in runs if g["axis"] == axis])
-        if plot_axis(rows, axis, XLABELS.get(axis, axis), png, caption) or plot_bars(rows, axis, png, caption):
+        group = [g for g in runs if g["axis"] == axis]
+        caption, chance = plot_caption(rows, group), chance_levels(group)
+        if (plot_axis(rows, axis, XLABELS.get(axis, axis), png, caption, chance)
+                or plot_bars(rows, axis, png, caption, chance)):  # fmt: skip
             plots.append(png.name)
             md += [f"![{axis}]({png.name})", ""]
     dirs = directions(tabs, key)

@@ -77,6 +77,9 @@ class PretrainConfig:
     mrm_prob: float = 0.15  # regions of the pairs baseline
     rt_tag_mask_prob: float = 0.15  # R-T: tags (whole tags)
     rt_region_mask_prob: float = 0.15  # R-T: regions
+    # of the regions chosen for MRM (mrm_prob, rt_region_mask_prob), the share left unmasked yet still
+    # predicted, as BERT keeps 10 % of its chosen tokens; 0 = the paper's (UNITER's): every one zeroed
+    mrm_keep_ratio: float = 0.0
     rp_mask_scale: float = 1.0  # R-P: a link is masked with min(1, scale · link_score)
     rp_text_prob: float = 0.5  # R-P: probability a sample masks the phrase side (else the region side)
     is_neg_prob: float = 0.5  # I-S: share of negatives (random image)

@@ -437,12 +437,19 @@ class GranularityDataset:
         )  # fmt: skip
 
     def mask_regions(self, image: int, prob: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(zeroed, MRC labels, MRFR targets). With `mrm_keep_ratio` some chosen regions keep their
+        feature but are still predicted. Why: MRM trains the last layer only at masked regions, and
+        when every predicted region is zeroed it learns to make region outputs summaries of their
+        context; the regions of one image then come out alike (docs/evaluation.md, "Does the suite
+        separate…"). Predicting some regions the model can see keeps every output its own region's."""
         n = self.corpus.n_regions(image)
-        masked = rng.random(n) < prob
+        chosen = rng.random(n) < prob
+        keep = self.cfg.mrm_keep_ratio
+        masked = chosen & (rng.random(n) >= keep) if keep > 0 else chosen  # no extra draw at 0: same stream
         cls = self.corpus.class_ids[self.corpus.regions(image)]
         # class id -1 = no detector class (featurize's whole-image / grid regions): nothing to classify
-        mrc = np.where(masked & (cls >= 0), cls, IGNORE).astype(np.int64)
-        return masked, mrc, masked.copy()
+        mrc = np.where(chosen & (cls >= 0), cls, IGNORE).astype(np.int64)
+        return masked, mrc, chosen.copy()
 
 
 class RegionTagDataset(GranularityDataset):

@@ -100,6 +100,8 @@ def check_options(cfg: PretrainConfig) -> None:
     """Fail on the fields no later stage would catch before the first step."""
     if cfg.region_init not in REGION_INITS:
         raise ConfigError(f"region_init: {cfg.region_init!r} is not one of {list(REGION_INITS)}")
+    if not 0.0 <= cfg.mrm_keep_ratio < 1.0:
+        raise ConfigError(f"mrm_keep_ratio: {cfg.mrm_keep_ratio} is not in [0, 1)")
     known = objective_names(STANDARD_OBJECTIVES, model_overrides(cfg)["objectives"], cfg.extra_objectives)
     for name, w in cfg.loss_weights.items():
         if name not in known:
