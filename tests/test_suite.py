@@ -224,21 +224,23 @@ def test_report_from_mlflow_with_items(tmp_path):
 
 
 def test_the_separation_bench_scores_both_ends_and_resumes(tmp_path, capsys):
-    """`raysys bench separation` (issue 17's gate, ~30 min at its defaults) at toy size: base and
-    true-pair pre-training on one suite budget, the paired bootstrap of their difference, and a
-    re-run that reuses the world and both checkpoints."""
+    """`raysys bench separation` (issue 17's gate, ~30 min at its settings) at toy size: base and
+    true-pair pre-training on one suite budget, the paired bootstrap of their difference, a re-run
+    that reuses the world and both checkpoints, and a refusal to reuse them for another world."""
     argv = ["bench", "separation", "--work", str(tmp_path), "--images", "80", "--eval-fraction", "0.5",
-            "--pretrain", "steps=2", "model_layers=1", "--suite", "steps=1", "batch_size=4"]  # fmt: skip
+            "--pretrain", "steps=2", "model_layers=1", "lr=5e-4", "--suite", "steps=1", "batch_size=4", "tasks=[ve,refcoco]"]  # fmt: skip
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(res["base"]) == set(res["paired"]) == {"meta_average", "vqa", "nlvr2", "ve", "refcoco"}
+    assert set(res["base"]) == set(res["paired"]) == {"meta_average", "ve", "refcoco"}  # the tasks asked for
     lo, hi = res["ci95"]
     assert lo <= res["delta"] <= hi and res["separates"] == (lo > 0)
     assert res["delta"] == pytest.approx(res["paired"]["meta_average"] - res["base"]["meta_average"], abs=0.02)
-    assert res["suite"]["steps"] == 1 and res["pretrain"]["steps"] == 2
+    assert res["suite"]["steps"] == 1 and res["pretrain"]["steps"] == 2 and res["pretrain"]["lr"] == 5e-4  # as parsed
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "base" / "model.pt", tmp_path / "paired" / "model.pt")}
     assert main(argv) == 0 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["delta"] == res["delta"]  # same inputs
+    assert main([*argv[:5], "81", *argv[6:]]) == 2  # another world asked of the same --work: refused, kept
+    assert "not {'images': 81" in capsys.readouterr().err and (tmp_path / "paired" / "model.pt").exists()
 
 
 def test_a_sweep_trials_metrics(tiny_world):

@@ -5,7 +5,7 @@ pre-training) and `paired_ratio: 1` (every image with its own captions). This be
 world in `--work` (or reuses it), pre-trains both with one config, fine-tunes each on the suite with
 one budget and prints the meta-average of each, then, last, the JSON with their difference and its
 95 % paired bootstrap interval over evaluation items: `separates` is true when the interval lies
-above 0. Every stage resumes from `--work`. It is a bench, not a test: it takes ~30 min on 2 cores.
+above 0. A re-run reuses the world and both checkpoints in `--work` (the suite runs again). It is a bench, not a test: it takes ~30 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # lazy: keeps raysys --help fast
 
     from raysys import config  # lazy: as above
+    from raysys.config import ConfigError  # lazy: as above
+    from raysys.contract import read_manifest  # lazy: as above
     from raysys.data.world import WorldConfig, write_world  # lazy: as above
     from raysys.evaluate.suite import SuiteConfig, run_suite, write_items  # lazy: as above
     from raysys.experiments.report import paired_bootstrap  # lazy: as above
@@ -47,8 +49,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     data = work / "data"
+    want = {"images": args.images, "seed": args.world_seed, "eval_fraction": args.eval_fraction}
     if not (data / "manifest.json").exists():
-        write_world(WorldConfig(images=args.images, seed=args.world_seed, eval_fraction=args.eval_fraction), data)
+        write_world(WorldConfig(**want), data)
+    have = {k: read_manifest(data).get("world", {}).get(k) for k in want}
+    if have != want:
+        raise ConfigError(f"{data}: a world of {have} is there, not {want}: use another --work")
     over = config.apply_overrides({}, args.pretrain)
     scfg = config.load(SuiteConfig, None, [f"tasks={META}", *args.suite])
     scores, items, t0 = {}, {}, time.perf_counter()
@@ -68,5 +74,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     point, lo, hi = paired_bootstrap(items["paired"], items["base"], [t for t in META if t in scfg.tasks])
     return {"base": scores["base"], "paired": scores["paired"], "delta": round(point, 2), "ci95": [round(lo, 2), round(hi, 2)],
             "separates": bool(lo > 0), "world": {"images": args.images, "seed": args.world_seed},
-            "pretrain": {**PRETRAIN, **over}, "suite": scfg.budget(), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            "pretrain": {k: getattr(cfg, k) for k in {**PRETRAIN, **over}}, "suite": scfg.budget(), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
