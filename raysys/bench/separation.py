@@ -5,7 +5,8 @@ pre-training) and `paired_ratio: 1` (every image with its own captions). This be
 world in `--work` (or reuses it), pre-trains both with one config, fine-tunes each on the suite with
 one budget and prints the meta-average of each, then, last, the JSON with their difference and its
 95 % paired bootstrap interval over evaluation items: `separates` is true when the interval lies
-above 0. A re-run reuses the world and both checkpoints in `--work` (the suite runs again). It is a bench, not a test: it takes ~30 min on 2 cores.
+above 0. A re-run reuses the world and both checkpoints in `--work` (the suite runs again). It is
+a bench, not a test: at the settings of docs/evaluation.md it takes ~30 min on 2 cores.
 """
 
 from __future__ import annotations
