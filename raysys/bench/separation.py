@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-META = ["vqa", "nlvr2", "ve", "refcoco"]
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", required=True, help="directory for the world, the checkpoints and the scores")
@@ -41,6 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from raysys.config import ConfigError  # lazy: as above
     from raysys.contract import read_manifest  # lazy: as above
     from raysys.data.world import WorldConfig, write_world  # lazy: as above
+    from raysys.evaluate.metrics import META_TASKS  # lazy: as above
     from raysys.evaluate.suite import SuiteConfig, run_suite, write_items  # lazy: as above
     from raysys.experiments.report import paired_bootstrap  # lazy: as above
     from raysys.pretrain.config import PretrainConfig  # lazy: as above
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if have != want:
         raise ConfigError(f"{data}: a world of {have} is there, not {want}: use another --work")
     over = config.apply_overrides({}, args.pretrain)
-    scfg = config.load(SuiteConfig, None, [f"tasks={META}", *args.suite])
+    scfg = config.load(SuiteConfig, None, [f"tasks={list(META_TASKS)}", *args.suite])
     scores, items, t0 = {}, {}, time.perf_counter()
     # base reads only R-T (images and tags), so the world needs no retrieval: the model is the same
     recipes = [("base", {"recipe": "base", "steps": 1, "granularities": ["rt"]}),
@@ -72,8 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scores[name] = {"meta_average": round(res["meta_average"], 2), **{t: round(v, 2) for t, v in res["scores"].items()}}
         items[name] = {t: dict(zip(v["ids"], v["scores"])) for t, v in res["items"].items()}
         print(f"{name:<7} " + "  ".join(f"{k} {v:.1f}" for k, v in scores[name].items()), file=sys.stderr, flush=True)
-    point, lo, hi = paired_bootstrap(items["paired"], items["base"], [t for t in META if t in scfg.tasks])
+    point, lo, hi = paired_bootstrap(items["paired"], items["base"], [t for t in META_TASKS if t in scfg.tasks])
     return {"base": scores["base"], "paired": scores["paired"], "delta": round(point, 2), "ci95": [round(lo, 2), round(hi, 2)],
-            "separates": bool(lo > 0), "world": {"images": args.images, "seed": args.world_seed},
+            "separates": bool(lo > 0), "world": want,
             "pretrain": {k: getattr(cfg, k) for k in {**PRETRAIN, **over}}, "suite": scfg.budget(), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
