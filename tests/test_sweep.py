@@ -27,6 +27,7 @@ from raysys.experiments.sweep import (
     shared_data_cpus,
     trains_itm,
     trial_specs,
+    twins,
 )
 from raysys.pretrain.config import TrainConfig
 
@@ -212,15 +213,24 @@ def test_trial_metric_config():
                                                                       "mvptr", "muvla+vsc", "codis", "unimo2"}  # fmt: skip
     assert {s["variant"] for s in specs if s["axis"] == "granularities"} == {"R-T", "R-P", "I-S", "R-T+R-P",
                                                                              "R-T+R-P+I-S"}  # fmt: skip
+    # rows that name the base config another way are trained once per seed: μ-VLA's trial of that seed
+    same = twins(ablation, specs)
+    assert sorted(k.split("-", 1)[1] for k in same) == sorted(
+        f"{row}-s{seed}" for row in ("granularities-R-T+R-P+I-S", "w_itm-with_w_ITM", "mixing-round_robin", "K-5")
+        for seed in (0, 1))  # fmt: skip
+    assert {v.split("-", 1)[1] for v in same.values()} == {"recipe-muvla-s0", "recipe-muvla-s1"}
+    assert all(k[-2:] == v[-2:] for k, v in same.items())  # never across seeds
 
 
 @pytest.mark.slow
 def test_every_trial_fine_tunes_with_the_same_budget_on_the_same_items(tmp_path):
     """A 2-trial sweep: both trials log the same suite budget (params) and per-item scores on the
-    same evaluation items (artifacts); `ft.*` for both, zero-shot only for the recipe that trains ITM."""
+    same evaluation items (artifacts); `ft.*` for both, zero-shot only for the recipe that trains ITM.
+    A third row, `K: 5`, is the base config again: it is logged as a copy of `muvla`'s trial, not
+    trained a second time."""
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "raysys", "sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"),
-            "--out", str(out), "axes={recipe: [base, muvla]}", "pipeline.world.images=100",
+            "--out", str(out), "axes={recipe: [base, muvla], K: [5]}", "pipeline.world.images=100",
             "pipeline.world.eval_fraction=0.5", "pipeline.world.tasks_per_image=2", "pretrain.steps=3",
             "pretrain.steps_per_epoch=3", "pretrain.model_layers=1", "zeroshot.max_images=8", "suite.steps=2",
             "suite.batch_size=8", "suite.retrieval_eval_images=4", "max_concurrent_trials=1"]  # fmt: skip
@@ -228,11 +238,19 @@ def test_every_trial_fine_tunes_with_the_same_budget_on_the_same_items(tmp_path)
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["finished"] == 2 and result["best"]["ft.meta_average"] is not None
+    assert result["finished"] == 3 and result["trained"] == 2 and result["best"]["ft.meta_average"] is not None
+    assert len(list((out / "tune" / "demo-sweep").glob("_trial_*"))) == 2  # Tune ran two trials
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     runs = {x.data.tags["raysys.variant"]: x for x in _finished_trial_runs(uri, "demo-sweep")}
-    assert set(runs) == {"base", "muvla"}
+    assert set(runs) == {"base", "muvla", "5"}
+    twin, src = runs.pop("5"), runs["muvla"]
+    assert twin.data.tags["raysys.same_as"] == "001-recipe-muvla-s0" and twin.data.tags["raysys.axis"] == "K"
+    assert twin.data.params["trial/overrides/k"] == "5" and twin.data.params["suite/steps"] == "2"
+    assert twin.data.metrics == src.data.metrics and twin.data.tags["raysys.checkpoint"] == src.data.tags["raysys.checkpoint"]
+    assert twin.data.tags["mlflow.parentRunId"] == src.data.tags["mlflow.parentRunId"]
+    twin_items = Path(client.download_artifacts(twin.info.run_id, "suite_items.json", str(tmp_path / "twin")))
+    assert json.loads(twin_items.read_text())["items"]
     budgets = [{k: v for k, v in x.data.params.items() if k.startswith("suite/")} for x in runs.values()]
     assert budgets[0] and budgets[0] == budgets[1] and budgets[0]["suite/steps"] == "2"
     items = []
@@ -245,4 +263,9 @@ def test_every_trial_fine_tunes_with_the_same_budget_on_the_same_items(tmp_path)
     assert "zeroshot.t2i_r5" not in runs["base"].data.metrics and "pre-train" in runs["base"].data.tags["zeroshot.skipped_reason"]
     res = write_report(uri, "demo-sweep", tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "Δ Meta-Ave vs base" in md and "## Directions" in md and res["plots"] == ["recipe.png"]
+    assert "Δ Meta-Ave vs base" in md and "## Directions" in md and res["plots"] == ["recipe.png"]  # one K row: no plot
+    assert "`K 5` is `recipe muvla`" in md
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # resume: nothing to do
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["twins_logged"] == 1
+    assert len(_finished_trial_runs(uri, "demo-sweep")) == 3  # the twin is not logged twice

@@ -120,6 +120,7 @@ def load_runs(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]],
         runs.append({"axis": tags["raysys.axis"], "variant": tags.get("raysys.variant", ""),
                      "seed": tags.get("raysys.seed", ""), "metrics": dict(r.data.metrics), "run_id": r.info.run_id,
                      "params": dict(r.data.params), "zeroshot_skipped": tags.get("zeroshot.skipped_reason", ""),
+                     "trial": tags.get("raysys.trial", ""), "same_as": tags.get("raysys.same_as", ""),
                      "items": _items(client, r.info.run_id)})  # fmt: skip
     return runs, (client, parent)
 
@@ -453,6 +454,18 @@ def _intro(experiment: str, tracking_uri: str, runs: list[dict[str, Any]], key: 
             "difference from the next best row excludes 0.", ""]  # fmt: skip
 
 
+def twin_note(runs: list[dict[str, Any]]) -> list[str]:
+    """Which rows are another row's trial (`raysys.same_as`): a reader comparing two such rows
+    should see that their equality is by construction, not a finding."""
+    by_trial = {r["trial"]: r for r in runs if r.get("trial")}
+    pairs = sorted({(f"{r['axis']} {r['variant']}", f"{by_trial[r['same_as']]['axis']} {by_trial[r['same_as']]['variant']}")
+                    for r in runs if r.get("same_as") in by_trial})  # fmt: skip
+    if not pairs:
+        return []
+    return ["Rows that are one configuration are trained once per seed and show that trial: "
+            + "; ".join(f"`{a}` is `{b}`" for a, b in pairs) + ".", ""]  # fmt: skip
+
+
 def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     runs, cp = load_runs(tracking_uri, experiment)
@@ -463,7 +476,7 @@ def write_report(tracking_uri: str, experiment: str, out: str | os.PathLike) -> 
     tabs = tables(runs)
     base = _row(tabs, "recipe", "base")
     key = headline([r for rows in tabs.values() for r in rows])
-    md = _intro(experiment, tracking_uri, runs, key)
+    md = _intro(experiment, tracking_uri, runs, key) + twin_note(runs)
     plots = []
     for axis, rows in tabs.items():
         md += [f"## {AXIS_TITLES.get(axis, axis)}", "", markdown_table(rows, base, key), ""]

@@ -8,8 +8,10 @@ Shape of a sweep (`configs/demo_sweep.yaml`):
    existing dataset's stored retrieval) is a config error.
 2. The trials are the union of the ablation axes (`mode: axes`, one factor at a time around the
    base config, like the paper's tables) or their cartesian product (`mode: grid`), times the
-   seeds. Identical configurations that several axes share are trained once per axis, so that each
-   table of the report is complete by itself.
+   seeds. A configuration that several axes share (in `mode: axes`, the base config is the default
+   value of every axis) is trained once: its *twins* are logged after the sweep as runs of their own
+   axis that copy its params, metrics and items (tag `raysys.same_as`), so each table of the report
+   is complete by itself and no seed of it is trained twice.
 3. Each trial is a Tune *function* trial that builds the pre-training `TorchTrainer` (Train V2
    pattern: `TuneReportCallback` in the trainer's `RunConfig`), pre-trains, then fine-tunes the
    checkpoint on the dataset's downstream suite (`raysys.evaluate.suite`: the same `SuiteConfig`
@@ -158,6 +160,24 @@ def trial_specs(cfg: SweepConfig) -> list[dict[str, Any]]:
     return specs
 
 
+def twins(cfg: SweepConfig, specs: list[dict[str, Any]]) -> dict[str, str]:
+    """Trial id → id of the first trial whose resolved pre-training config is the same.
+
+    Why resolved configs: `{recipe: muvla, granularities: [rt, rp, is]}` and `{w_itm: true}` name
+    the base config in two ways. Training both would spend a trial on a result the seed already
+    fixes (the same config and seed give the same output), 8 of the demo ablation's 46."""
+    first: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for s in specs:
+        resolved = rconfig.to_dict(rconfig.from_dict(TrainConfig, {**cfg.pretrain, **s["overrides"]}))
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        if key in first:
+            out[s["id"]] = first[key]
+        else:
+            first[key] = s["id"]
+    return out
+
+
 def trial_ks(cfg: SweepConfig) -> list[tuple[str, int]]:
     """The k values the trials pre-train with, each with the key that sets it."""
     return [("pretrain.k", int(cfg.pretrain.get("k", 5))), *(("axes.K", int(v)) for v in cfg.axes.get("K", []))]
@@ -204,7 +224,11 @@ def data_config(cfg: SweepConfig) -> PipelineConfig:
 
 def dry_run(cfg: SweepConfig) -> str:
     """`--dry-run` of `raysys sweep` and `jobs/sweep.py`: the resolved config, then the trial list."""
-    return rconfig.dump(cfg) + "".join(f"# trial {s['id']}: {s['overrides']}\n" for s in trial_specs(cfg))
+    specs = trial_specs(cfg)
+    same = twins(cfg, specs)
+    return rconfig.dump(cfg) + "".join(
+        f"# trial {s['id']}: {s['overrides']}" + (f" (same as {same[s['id']]}: logged, not trained)" if s["id"] in same else "")
+        + "\n" for s in specs)  # fmt: skip
 
 
 def concurrency(cfg: SweepConfig, train_cfg) -> int:
@@ -291,6 +315,59 @@ def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
     return SweepMLflowCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
 
 
+def _spec_params(spec: dict[str, Any], prefix: str = "trial/") -> dict[str, str]:
+    """A trial spec as the flattened `trial/...` params the Tune MLflow callback logs."""
+    out: dict[str, str] = {}
+    for k, v in spec.items():
+        if isinstance(v, dict) and v:
+            out.update(_spec_params(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def _log_twins(uri: str, experiment: str, parent_id: str, out: Path, specs: list[dict[str, Any]],
+               same: dict[str, str]) -> int:  # fmt: skip
+    """Log each twin trial as a FINISHED run of its own axis that copies its source's params
+    (other than `trial/*`), final metrics, tags and `suite_items.json`. A twin whose source has not
+    finished is left for the re-run that finishes it; a twin already logged is not logged again.
+    Returns how many twin runs exist."""
+    if not same:
+        return 0
+    c = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(c, experiment)
+    by_id = {s["id"]: s for s in specs}
+
+    def finished(trial_id: str):
+        q = f"tags.`raysys.trial` = '{trial_id}' and attributes.status = 'FINISHED'"
+        runs = c.search_runs([exp_id], filter_string=q, max_results=1)
+        return runs[0] if runs else None
+
+    logged = 0
+    for dup, src_id in same.items():
+        src = finished(src_id)
+        if finished(dup) is not None:
+            logged += 1
+            continue
+        if src is None:
+            continue
+        spec = by_id[dup]
+        own = {"raysys.trial": dup, "raysys.axis": spec["axis"], "raysys.variant": spec["variant"],
+               "raysys.seed": str(spec["seed"]), "raysys.same_as": src_id, "mlflow.parentRunId": parent_id}  # fmt: skip
+        tags = {k: v for k, v in src.data.tags.items() if not k.startswith("mlflow.") and k != tracking.LINK_TAG}
+        run_id, _ = tracking.start_run(uri, experiment, run_name=dup, link=f"sweep-twin:{out}:{dup}",
+                                       tags={**tags, **own})  # fmt: skip
+        params = {k: v for k, v in src.data.params.items() if not k.startswith("trial/")}
+        tracking.log_params(uri, run_id, {**params, **_spec_params(spec)})
+        tracking.log_metrics(uri, run_id, dict(src.data.metrics))
+        if any(a.path == "suite_items.json" for a in c.list_artifacts(src.info.run_id)):  # a zero-shot-only sweep logs none
+            with tempfile.TemporaryDirectory() as d:
+                c.log_artifact(run_id, c.download_artifacts(src.info.run_id, "suite_items.json", d))
+        tracking.end_run(uri, run_id, "FINISHED")
+        logged += 1
+    return logged
+
+
 def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -301,8 +378,10 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"tracking_uri: {cfg.tracking_uri!r}: a sweep records its trials in MLflow (`raysys report` "
                           "reads them); give a store or leave it empty for OUT/mlflow.db")  # fmt: skip
     base = rconfig.from_dict(TrainConfig, dict(cfg.pretrain))  # validates the shared config early
-    for s in specs:
-        rconfig.from_dict(TrainConfig, {**cfg.pretrain, **s["overrides"]})
+    same = twins(cfg, specs)  # also validates every trial's config
+    if same:
+        log.info("%d of %d trials share another's configuration and seed: trained once, logged per axis",
+                 len(same), len(specs))  # fmt: skip
     rconfig.from_dict(SuiteConfig, dict(cfg.suite), "suite")
     started = ensure_ray()
     try:
@@ -335,7 +414,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
                 log.info("%d trials at once: the streamed input's data_cpus %s -> %.2f", n, base.data_cpus, dc)
                 pretrain["data_cpus"] = dc
         param_space = {
-            "trial": tune.grid_search(specs),
+            "trial": tune.grid_search([s for s in specs if s["id"] not in same]),
             # Tune's MLflow callback logs the trial config as params: no password of a URI in them
             "pretrain": {**pretrain, **({"tracking_uri": tracking.redact(str(cfg.pretrain["tracking_uri"]))}
                                         if "tracking_uri" in cfg.pretrain else {})},
@@ -363,6 +442,7 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
                                tune_config=tune.TuneConfig(scheduler=scheduler,
                                                            max_concurrent_trials=n))  # fmt: skip
         grid = tuner.fit()
+        n_twins = _log_twins(uri, experiment, parent_id, out, specs, same)
         key = metric_key(cfg)
         rows = []
         for r in grid:
@@ -370,10 +450,16 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
             spec = (r.config or {}).get("trial", {})
             rows.append({"id": spec.get("id"), "axis": spec.get("axis"), "variant": spec.get("variant"),
                          "seed": spec.get("seed"), key: m.get(key), "error": str(r.error) if r.error else None})  # fmt: skip
+        by_id = {r["id"]: r for r in rows}
+        for dup, src_id in same.items():
+            spec, src = next(s for s in specs if s["id"] == dup), by_id.get(src_id, {})
+            rows.append({"id": dup, "axis": spec["axis"], "variant": spec["variant"], "seed": spec["seed"],
+                         key: src.get(key), "error": src.get("error"), "same_as": src_id})  # fmt: skip
         done = [r for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
         best = max(done, key=lambda r: r[key]) if done else None
         tracking.end_run(uri, parent_id, "FINISHED")
-        result = {"experiment": experiment, "tracking_uri": tracking.redact(uri), "trials": len(rows), "finished": len(done),
+        result = {"experiment": experiment, "tracking_uri": tracking.redact(uri), "trials": len(rows),
+                  "trained": len(rows) - len(same), "twins_logged": n_twins, "finished": len(done),
                   "errors": sum(r["error"] is not None for r in rows), "best": best, "out": str(out),
                   "data": str(data), "retrieval": summary.get("retrieval")}  # fmt: skip
         (out / "sweep_result.json").write_text(json.dumps({**result, "rows": rows}, indent=2, default=str))
