@@ -41,6 +41,7 @@ from raysys import config as rconfig
 
 log = logging.getLogger(__name__)
 
+REDACTED = "***"  # what `redact` puts in place of a URI's password
 LINK_TAG = "raysys.link"  # the tag a re-run uses to find its run again
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LEN = 250
@@ -69,7 +70,8 @@ def resolve_tracking_uri(uri: str | None, base: str | os.PathLike | None, record
     2. `MLFLOW_TRACKING_URI` when set (the variable MLflow itself reads, so `mlflow ui` and raysys
        agree without flags);
     3. `uri`, the config's `tracking_uri`;
-    4. `recorded`, the store a checkpoint's pre-training run used (evaluations land beside it);
+    4. `recorded`, the store a checkpoint's pre-training run used (evaluations land beside it),
+       unless its password was redacted (checkpoints never hold one);
     5. `sqlite:///<base>/mlflow.db`, `base` being the command's storage or `--out` directory (a
        remote `base` such as s3:// has no place for a sqlite file: the current directory then).
     """
@@ -80,7 +82,10 @@ def resolve_tracking_uri(uri: str | None, base: str | os.PathLike | None, record
         return env
     if uri:
         return uri
-    if recorded:
+    if recorded and f":{REDACTED}@" in recorded:
+        log.warning("the checkpoint's MLflow store %s was recorded without its password: using the default store; "
+                    "set %s (or tracking_uri=) to log beside the pre-training run", recorded, ENV_VAR)  # fmt: skip
+    elif recorded:
         return recorded
     if base is None or is_uri(base):
         base = Path.cwd()
@@ -262,7 +267,7 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[str | os.PathLike], art
 
 def redact(text: str) -> str:
     """A URI's password never reaches MLflow: `scheme://user:secret@host` → `scheme://user:***@host`."""
-    return re.sub(r"(://[^/\s:@]+:)[^@/\s]+@", r"\1***@", text)
+    return re.sub(r"(://[^/\s:@]+:)[^@/\s]+@", rf"\1{REDACTED}@", text)
 
 
 def source_tags(argv: Iterable[str] | None = None) -> dict[str, str]:

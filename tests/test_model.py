@@ -135,6 +135,11 @@ def test_checkpoint_roundtrip_weights_only(tiny_model, tmp_path):
     model2, extra = load_checkpoint(p)
     model2.eval()
     assert extra == {"recipe": "muvla"}
+    save_checkpoint(p, tiny_model, {"tracking_uri": "postgresql://me:s3cret@db/mlflow"})  # credentials stay out
+    assert load_checkpoint(p)[1] == {"tracking_uri": "postgresql://me:***@db/mlflow"}
+    assert b"s3cret" not in p.read_bytes()
+    model2, _ = load_checkpoint(p)
+    model2.eval()
     b = _batch(seed=3)
     with torch.no_grad():
         a, c = tiny_model(b), model2(b)

@@ -153,6 +153,8 @@ def test_the_one_rule(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri("sqlite:///x.db", base, recorded="sqlite:///rec.db") == "sqlite:///env.db"
     assert tracking.resolve_tracking_uri("none", base) is None
     assert tracking.redact("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a checkpoint's store without its password cannot be used
+    assert tracking.resolve_tracking_uri("", base, recorded="postgresql://me:***@db/mlflow") == f"sqlite:///{base.resolve()}/mlflow.db"
 
 
 def test_a_password_in_the_configured_uri_is_redacted(world, tmp_path, monkeypatch):

@@ -48,6 +48,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import logging as hf_logging
 
+from raysys import tracking
 from raysys.checkpoints import load_payload
 from raysys.config import ConfigError
 from raysys.contract import ContractError
@@ -485,7 +486,9 @@ def load_tokenizer(model_path: str | None):
 
 
 def save_checkpoint(path: str | os.PathLike, model: VLModel, extra: dict[str, Any] | None = None) -> None:
-    """Tensors + plain values only, written atomically: loads with `torch.load(weights_only=True)`."""
+    """Tensors + plain values only, written atomically: loads with `torch.load(weights_only=True)`.
+    A password in a URI of `extra` (the MLflow store, the pre-training config) is redacted: a
+    checkpoint is shared and exported, the store's credentials are not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -493,7 +496,7 @@ def save_checkpoint(path: str | os.PathLike, model: VLModel, extra: dict[str, An
         "model_config": json.dumps(asdict(model.cfg)),
         "bert_config": model.lm.config.to_json_string(use_diff=False),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra": json.dumps(extra or {}),
+        "extra": tracking.redact(json.dumps(extra or {})),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
