@@ -139,14 +139,15 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
 
 
-def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, str]:
     """Nested config dict → `{"a.b": "value"}` with MLflow-safe string values (lists as JSON,
-    over-long values truncated, over-long keys cut)."""
+    over-long values truncated, over-long keys cut). `sep="/"` gives the keys Tune's MLflow
+    callback logs a trial config under."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and v:
-            out.update(flatten_params(v, key + "."))
+            out.update(flatten_params(v, key + sep, sep))
         else:
             out[key[:MAX_KEY_LEN]] = _param_value(v)
     return out

@@ -315,17 +315,6 @@ def _mlflow_callback(uri: str, experiment: str, parent_run_id: str):
     return SweepMLflowCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False)
 
 
-def _spec_params(spec: dict[str, Any], prefix: str = "trial/") -> dict[str, str]:
-    """A trial spec as the flattened `trial/...` params the Tune MLflow callback logs."""
-    out: dict[str, str] = {}
-    for k, v in spec.items():
-        if isinstance(v, dict) and v:
-            out.update(_spec_params(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-    return out
-
-
 def _log_twins(uri: str, experiment: str, parent_id: str, out: Path, specs: list[dict[str, Any]],
                same: dict[str, str]) -> int:  # fmt: skip
     """Log each twin trial as a FINISHED run of its own axis that copies its source's params
@@ -358,7 +347,7 @@ def _log_twins(uri: str, experiment: str, parent_id: str, out: Path, specs: list
         run_id, _ = tracking.start_run(uri, experiment, run_name=dup, link=f"sweep-twin:{out}:{dup}",
                                        tags={**tags, **own})  # fmt: skip
         params = {k: v for k, v in src.data.params.items() if not k.startswith("trial/")}
-        tracking.log_params(uri, run_id, {**params, **_spec_params(spec)})
+        tracking.log_params(uri, run_id, {**params, **tracking.flatten_params(spec, "trial/", sep="/")})
         tracking.log_metrics(uri, run_id, dict(src.data.metrics))
         if any(a.path == "suite_items.json" for a in c.list_artifacts(src.info.run_id)):  # a zero-shot-only sweep logs none
             with tempfile.TemporaryDirectory() as d:
@@ -450,9 +439,9 @@ def run_sweep(cfg: SweepConfig, out: str | os.PathLike) -> dict[str, Any]:
             spec = (r.config or {}).get("trial", {})
             rows.append({"id": spec.get("id"), "axis": spec.get("axis"), "variant": spec.get("variant"),
                          "seed": spec.get("seed"), key: m.get(key), "error": str(r.error) if r.error else None})  # fmt: skip
-        by_id = {r["id"]: r for r in rows}
+        row_of, spec_of = {r["id"]: r for r in rows}, {s["id"]: s for s in specs}
         for dup, src_id in same.items():
-            spec, src = next(s for s in specs if s["id"] == dup), by_id.get(src_id, {})
+            spec, src = spec_of[dup], row_of.get(src_id, {})
             rows.append({"id": dup, "axis": spec["axis"], "variant": spec["variant"], "seed": spec["seed"],
                          key: src.get(key), "error": src.get("error"), "same_as": src_id})  # fmt: skip
         done = [r for r in rows if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
