@@ -120,6 +120,13 @@ def test_world_writes_a_downstream_suite_disjoint_from_pretraining(small_world):
     for r in _jsonl(small_world / "tasks" / "refcoco" / "eval.jsonl"):
         boxes = np.stack(images.loc[r["image"], "boxes"]).reshape(-1, 4)
         assert np.abs(boxes - np.array(r["box"])).max(axis=1).min() < 0.01  # the gold region is one of the image's
+    present = {i: {COCO_CLASSES[c] for c in truth.loc[i, "classes"]} for i in truth.index}
+    for r in _jsonl(small_world / "tasks" / "ve" / "train.jsonl"):  # presence, true unless a contradiction
+        name = r["hypothesis"].split(" in the picture")[0].split(" ", 3)[3]
+        assert (name in present[r["image"]]) == (r["label"] != "contradiction"), r
+    for r in _jsonl(small_world / "tasks" / "nlvr2" / "train.jsonl"):
+        name, a, b = r["sent"][:-1].split(" contain")[1].split(" ", 2)[2], present[r["img0"]], present[r["img1"]]
+        assert r["label"] == int(name in a & b if r["sent"].startswith("Both") else name in a | b), r
     labels = {t: [x["label"] for x in _jsonl(small_world / "tasks" / t / "train.jsonl")] for t in ("nlvr2", "ve")}
     assert set(labels["nlvr2"]) == {0, 1} and set(labels["ve"]) == {"entailment", "neutral", "contradiction"}
 
