@@ -58,6 +58,28 @@ def test_evaluate_suite_prints_scores_and_a_json_line(tiny_world, tmp_path, caps
         assert np.mean(it["scores"]) == pytest.approx(out[t], abs=0.01)
 
 
+def test_repeats_average_each_item_over_fine_tuning_seeds(tiny_world):
+    """`repeats: 2` fine-tunes each task with seeds 0 and 1: each item's score, each task's score and
+    the meta-average are the means of the two single-seed runs, whose scores differ (so a repeat that
+    reused one seed, or kept one draw, fails)."""
+    from raysys.evaluate.suite import run_suite
+
+    common = dict(tasks=["vqa", "ve", "refcoco"], steps=3, lr=1e-3, batch_size=8, base_layers=1, threads=1)
+    one = [run_suite("base", tiny_world, SuiteConfig(**common, seed=s)) for s in (0, 1)]
+    both = run_suite("base", tiny_world, SuiteConfig(**common, repeats=2))
+    assert any(one[0]["items"][t]["scores"] != one[1]["items"][t]["scores"] for t in common["tasks"])
+    for t in common["tasks"]:
+        want = [(a + b) / 2 for a, b in zip(one[0]["items"][t]["scores"], one[1]["items"][t]["scores"])]
+        assert both["items"][t]["ids"] == one[0]["items"][t]["ids"]
+        assert both["items"][t]["scores"] == pytest.approx(want)
+        assert both["tasks"][t]["repeat_scores"] == [one[0]["scores"][t], one[1]["scores"][t]]
+        assert both["scores"][t] == pytest.approx(np.mean(want), abs=1e-3)
+    assert both["meta_average"] == pytest.approx((one[0]["meta_average"] + one[1]["meta_average"]) / 2, abs=1e-3)
+    assert both["budget"]["repeats"] == 2
+    with pytest.raises(ConfigError, match="repeats"):
+        run_suite("base", tiny_world, SuiteConfig(**common, repeats=0))
+
+
 def test_suite_config_errors_are_one_line(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="unknown 'gqa'"):
         suite_runs(tiny_world, SuiteConfig(tasks=["vqa", "gqa"]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from raysys.config import ConfigError
 from raysys.contract import read_manifest
 from raysys.evaluate.downstream import checkpoint_extra, local_checkpoint
 from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune
-from raysys.evaluate.metrics import META_TASKS
+from raysys.evaluate.metrics import META_TASKS, meta_average
 from raysys.evaluate.tasks import get_task
 from raysys.evaluate.tasks.nlvr2 import NLVR2Hyper
 from raysys.evaluate.tasks.refcoco import RefCOCOHyper
@@ -55,6 +55,10 @@ class SuiteConfig:
     retrieval_eval_images: int = 40  # seeded sample of eval images scored I × T (0 = all)
     eval_batch_size: int = 64
     seed: int = 0  # fine-tuning seed (heads, batch order): fixed, so only the checkpoint differs
+    # fine-tunings per task, with seeds seed … seed + repeats − 1; each eval item's score is their mean.
+    # Why: one fine-tuning draw moves a task's score by several points (issue 17), and a bootstrap over
+    # items cannot see that; averaging draws shrinks it, at `repeats` times the cost
+    repeats: int = 1
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0 = torch's default)
     base_layers: int = 0  # `--checkpoint base`: keep the first N encoder layers (0 = all)
@@ -73,7 +77,7 @@ class SuiteConfig:
     def budget(self) -> dict[str, Any]:
         """What must be equal between two trials for their scores to compare."""
         keys = ("tasks", "steps", "lr", "batch_size", "warmup_ratio", "weight_decay", "retrieval_negatives",
-                "retrieval_eval_images", "seed", "task_files")  # fmt: skip
+                "retrieval_eval_images", "seed", "repeats", "task_files")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 
@@ -145,7 +149,10 @@ def run_suite(checkpoint: str | Path, data: str | Path, cfg: SuiteConfig) -> dic
         pre = (checkpoint_extra(ck).get("pretrain_config") or {}) if ck != "base" else {}
         if pre.get("exclude_eval") is False:
             log.warning("%s was pre-trained with exclude_eval=false: the suite's images were in pre-training", ck)
-        out = run_finetune(ck, finetune_config(cfg), runs)
+        if cfg.repeats < 1:
+            raise ConfigError(f"suite.repeats: {cfg.repeats} is not a positive count of fine-tunings")
+        out = _mean_over_repeats([run_finetune(ck, finetune_config(replace(cfg, seed=cfg.seed + k)), runs)
+                                  for k in range(cfg.repeats)])  # fmt: skip
     metrics: dict[str, float] = {}
     items: dict[str, dict[str, list]] = {}
     for task, r in out["tasks"].items():
@@ -165,6 +172,29 @@ def run_suite(checkpoint: str | Path, data: str | Path, cfg: SuiteConfig) -> dic
         "seconds": round(time.perf_counter() - t0, 1),
         "tasks": out["tasks"],
     }
+
+
+def _mean_over_repeats(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One `run_finetune` result from several fine-tuning draws: each item's score, each task's
+    numbers and the meta-average are means over the draws; `repeat_scores` keeps each draw's score."""
+    if len(outs) == 1:
+        return outs[0]
+    tasks: dict[str, Any] = {}
+    for task, first in outs[0]["tasks"].items():
+        rs = [o["tasks"][task] for o in outs]
+        merged = {k: (round(sum(r[k] for r in rs) / len(rs), 4) if isinstance(v, float) else v) for k, v in first.items()}
+        merged["seconds"] = round(sum(r["seconds"] for r in rs), 2)
+        merged["repeat_scores"] = [r["score"] for r in rs]
+        if "items" in first:
+            ids = first["items"]["ids"]
+            if any(r["items"]["ids"] != ids for r in rs):
+                raise RuntimeError(f"{task}: the repeats scored different eval items")
+            merged["items"] = {"ids": ids, "scores": [sum(v) / len(rs) for v in zip(*(r["items"]["scores"] for r in rs))]}
+        tasks[task] = merged
+    scores = {t: r["score"] for t, r in tasks.items()}
+    meta = [t for t in META_TASKS if t in scores]
+    return {"tasks": tasks, "scores": scores, "meta_average": round(meta_average(scores), 4) if meta else None,
+            "meta_tasks": meta}  # fmt: skip
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
