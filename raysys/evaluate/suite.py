@@ -144,13 +144,13 @@ def run_suite(checkpoint: str | Path, data: str | Path, cfg: SuiteConfig) -> dic
     percent), `metrics` (`<task>.<metric>` → value), `items` (task → {ids, scores}: each eval
     item's own score), `budget` and `tasks` (the full per-task results)."""
     t0 = time.perf_counter()
+    if cfg.repeats < 1:
+        raise ConfigError(f"suite.repeats: {cfg.repeats} is not a positive count of fine-tunings")
     runs = suite_runs(data, cfg)
     with local_checkpoint(checkpoint) as ck:
         pre = (checkpoint_extra(ck).get("pretrain_config") or {}) if ck != "base" else {}
         if pre.get("exclude_eval") is False:
             log.warning("%s was pre-trained with exclude_eval=false: the suite's images were in pre-training", ck)
-        if cfg.repeats < 1:
-            raise ConfigError(f"suite.repeats: {cfg.repeats} is not a positive count of fine-tunings")
         out = _mean_over_repeats([run_finetune(ck, finetune_config(replace(cfg, seed=cfg.seed + k)), runs)
                                   for k in range(cfg.repeats)])  # fmt: skip
     metrics: dict[str, float] = {}
