@@ -395,12 +395,12 @@ def _nlvr2_statement(rng, a: WorldImage, b: WorldImage, want: bool) -> str | Non
     return f"At least one image contains {article(name)} {name}."
 
 
-def _partner(rng, imgs: list[WorldImage], a: int) -> int:
+def _partner(rng, classes: list[set[int]], a: int) -> int:
     """An image sharing a class with image `a` (and not all of them), so that "both images contain"
-    has a true and a false version; any other image when none does."""
-    ca = _classes(imgs[a])
-    share = [j for j in range(len(imgs)) if j != a and ca & _classes(imgs[j]) and _classes(imgs[j]) != ca]
-    return int(rng.choice(share)) if share else int((a + 1 + rng.integers(len(imgs) - 1)) % len(imgs))
+    has a true and a false version; any other image when none does. `classes`: each image's classes."""
+    ca = classes[a]
+    share = [j for j, cj in enumerate(classes) if j != a and ca & cj and cj != ca]
+    return int(rng.choice(share)) if share else int((a + 1 + rng.integers(len(classes) - 1)) % len(classes))
 
 
 def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
@@ -408,8 +408,9 @@ def _nlvr2_items(rng, imgs: list[WorldImage], n: int) -> list[dict]:
     labels alternating."""
     out: list[dict] = []
     order = rng.permutation(len(imgs))
+    classes = [_classes(im) for im in imgs]
     for p, i in enumerate(order.tolist()):
-        j = _partner(rng, imgs, i)
+        j = _partner(rng, classes, i)
         a, b = (imgs[i], imgs[j]) if rng.random() < 0.5 else (imgs[j], imgs[i])
         seen: set[str] = set()
         for s in range(n):
