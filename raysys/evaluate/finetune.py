@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FinetuneConfig", "NLVR2Hyper", "RefCOCOHyper", "RetrievalHyper", "TaskData", "TaskHyper", "TaskModel", "TaskRun",
-    "VEHyper", "VQAHyper", "finetune_task", "hyper", "prepare_data", "run_finetune", "train_task",
+    "VEHyper", "VQAHyper", "finetune_task", "hyper", "prepare_data", "run_finetune", "train_task", "with_meta_average",
 ]  # fmt: skip
 
 
@@ -326,6 +326,15 @@ def _store(cfg: FinetuneConfig, ck_extra: dict[str, Any]) -> str | None:
 # ---------------------------------------------------------------- a suite of tasks
 
 
+def with_meta_average(results: dict[str, Any]) -> dict[str, Any]:
+    """Per-task results → `{tasks, scores, meta_average, meta_tasks}` (the meta-average over the
+    paper's four tasks among them; None when none of them ran)."""
+    scores = {t: r["score"] for t, r in results.items()}
+    in_meta = [t for t in META_TASKS if t in scores]
+    return {"tasks": results, "scores": scores, "meta_average": round(meta_average(scores), 4) if in_meta else None,
+            "meta_tasks": in_meta}  # fmt: skip
+
+
 def run_finetune(checkpoint: str, cfg: FinetuneConfig, runs: list[TaskRun] | None = None) -> dict[str, Any]:
     """Every run of the suite, then the meta-average over the paper's four tasks among them."""
     runs = runs if runs is not None else cfg.runs
@@ -335,12 +344,8 @@ def run_finetune(checkpoint: str, cfg: FinetuneConfig, runs: list[TaskRun] | Non
     for run in runs:
         r = finetune_task(checkpoint, run, cfg)
         results[r["task"]] = r
-    scores = {t: r["score"] for t, r in results.items()}
-    out: dict[str, Any] = {"tasks": results, "scores": scores}
-    in_meta = [t for t in META_TASKS if t in scores]
-    out["meta_average"] = round(meta_average(scores), 4) if in_meta else None
-    out["meta_tasks"] = in_meta
-    if cfg.mlflow and in_meta and len(results) > 1:
+    out: dict[str, Any] = with_meta_average(results)
+    if cfg.mlflow and out["meta_tasks"] and len(results) > 1:
         info = _log_meta(checkpoint, cfg, results, out)
         if info is not None:
             out["mlflow"] = info

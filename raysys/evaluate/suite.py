@@ -27,8 +27,8 @@ from typing import Any
 from raysys.config import ConfigError
 from raysys.contract import read_manifest
 from raysys.evaluate.downstream import checkpoint_extra, local_checkpoint
-from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune
-from raysys.evaluate.metrics import META_TASKS, meta_average
+from raysys.evaluate.finetune import FinetuneConfig, TaskRun, run_finetune, with_meta_average
+from raysys.evaluate.metrics import META_TASKS
 from raysys.evaluate.tasks import get_task
 from raysys.evaluate.tasks.nlvr2 import NLVR2Hyper
 from raysys.evaluate.tasks.refcoco import RefCOCOHyper
@@ -191,10 +191,7 @@ def _mean_over_repeats(outs: list[dict[str, Any]]) -> dict[str, Any]:
                 raise RuntimeError(f"{task}: the repeats scored different eval items")
             merged["items"] = {"ids": ids, "scores": [sum(v) / len(rs) for v in zip(*(r["items"]["scores"] for r in rs))]}
         tasks[task] = merged
-    scores = {t: r["score"] for t, r in tasks.items()}
-    meta = [t for t in META_TASKS if t in scores]
-    return {"tasks": tasks, "scores": scores, "meta_average": round(meta_average(scores), 4) if meta else None,
-            "meta_tasks": meta}  # fmt: skip
+    return with_meta_average(tasks)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
